@@ -1,0 +1,239 @@
+"""Command line: ``python -m fer_lab <command>``. A thin layer over the package.
+
+Commands: ``train`` (any model on any dataset, every option documented in ``--help``),
+``demo`` (the CPU-sized diversified ESR on synthetic faces that ``make demo`` runs),
+``models`` (the registered variants).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .diversity import TERMS
+from .train import PROTOCOLS, TrainConfig, train
+
+#: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, sized for about
+#: 5 minutes on 2 CPU cores (README states the measured time).
+DEMO = dict(
+    model="esr9_div",
+    model_options={"num_branches": 4, "width": 0.25},
+    dataset="synthetic",
+    data_options={"num_samples": None},
+    epochs=6, epochs_later=3, lr=0.05, lr_new=0.05, lr_old=0.01, lr_step=4, lr_gamma=0.5,
+    batch_size=32, subset_per_class=300, seed=0, name="esr4_div-synthetic-demo", output_dir="outputs/demo",
+)
+
+
+def _kv(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key.strip(), value
+
+
+def _subset(text: str):
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}")
+    return n
+
+
+def _terms(text: str):
+    if text.lower() == "none":
+        return []
+    terms = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in terms if t not in TERMS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown diversity term(s) {bad}; expected a comma list of {TERMS} "
+                                         "or 'none'")
+    return terms
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fer_lab", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model; writes a run directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a registered model on a dataset with the paper's protocol. "
+                                   "Writes <output-dir>/<name>/ (config, env, dataset fingerprint, history, "
+                                   "similarity matrices, metrics, checkpoints, figures).")
+    d = TrainConfig()
+    g = t.add_argument_group("what to train")
+    g.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields; command-line options "
+                                                "override it")
+    g.add_argument("--model", default=d.model, help="registered model name (see `python -m fer_lab models`)")
+    g.add_argument("--dataset", default=d.dataset, help="dataset name (synthetic needs no files)")
+    g.add_argument("--data-root", default=d.data_root, help="directory holding the dataset's files")
+    g.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset option, e.g. num_samples=2000 (repeatable; VALUE parsed as JSON)")
+    g.add_argument("--label-space", default=d.label_space,
+                   help="'auto' (the model's), 'none' (dataset order), 'affectnet8' or 'affectnet7'")
+    g.add_argument("--branches", type=int, help="ESR branch count (default: the variant's, 9 or 15)")
+    g.add_argument("--width", type=float, help="channel width multiplier (1.0 = paper; 0.25 runs on a CPU)")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="input side in px (default: model's)")
+    g.add_argument("--model-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other model constructor option (repeatable; VALUE parsed as JSON)")
+    g = t.add_argument_group("diversity term")
+    g.add_argument("--diversity-terms", type=_terms, help="comma list of spatial,channel,branch or 'none' "
+                                                          "(default: the variant's)")
+    g.add_argument("--gamma", type=float, help="RBF bandwidth of the similarity (paper: 10)")
+    g.add_argument("--diagonal", choices=("paper", "reference"),
+                   help="'paper': unit diagonal; 'reference': the public code's zero diagonal")
+    g.add_argument("--reduction", choices=("det", "logdet"), help="det (paper) or jittered logdet")
+    g.add_argument("--normalize", dest="diversity_normalize", choices=("none", "l2"),
+                   help="L2-normalise pooled features before the similarity")
+    g.add_argument("--diversity-weight", type=float, help="weight of each term in the loss (paper: 1)")
+    g = t.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                   help="esr_growth: one branch per stage (SPEC 3); single: one stage, all parameters")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first (or only) stage")
+    g.add_argument("--epochs-later", type=int, default=d.epochs_later, help="epochs of each later ESR stage")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate of the first stage (all parameters)")
+    g.add_argument("--lr-new", type=float, default=d.lr_new, help="later stages: the new branch's lr")
+    g.add_argument("--lr-old", type=float, default=d.lr_old, help="later stages: base and older branches' lr")
+    g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR step size (epochs)")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
+    g.add_argument("--subset-per-class", type=_subset, default=d.subset_per_class,
+                   help="class-balanced subset per stage: at most N items per class, or 'all'")
+    g.add_argument("--branch-init", choices=("random", "copy"), default=d.branch_init,
+                   help="initialise a new ESR branch randomly or as a copy of the last one")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of train held out for model selection when the dataset has no val split")
+    g.add_argument("--train-transform", choices=("esr_train", "manet_train", "eval"),
+                   help="augmentation preset (default: the model's)")
+    g.add_argument("--imagenet-normalize", action="store_true", help="ImageNet mean/std normalisation")
+    g.add_argument("--random-erasing", action="store_true", help="append RandomErasing to the train transform")
+    g = t.add_argument_group("run")
+    g.add_argument("--name", default=d.name, help="run name (default: <model>-<dataset>-s<seed>)")
+    g.add_argument("--output-dir", default=d.output_dir, help="where run directories go")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="where decoded/rendered images are cached")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
+    g.add_argument("--deterministic", action="store_true", help="PyTorch deterministic algorithms")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
+    g.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> where it stopped")
+
+    dm = sub.add_parser("demo", help="the CPU demo: a 4-branch ESR* on synthetic faces (make demo)")
+    dm.add_argument("--output-dir", default=DEMO["output_dir"], help="where the demo run goes")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sub.add_parser("models", help="list the registered model variants")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed ``train`` arguments (config file first, then explicit options)."""
+    base: dict = {}
+    if args.config:
+        import yaml
+
+        if not args.config.is_file():
+            raise SystemExit(f"--config {args.config}: no such file")
+        base = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(base, dict):
+            raise SystemExit(f"--config {args.config}: expected a mapping of TrainConfig fields")
+    model_options = dict(base.pop("model_options", {}) or {})
+    model_options.update(dict(args.model_option))
+    for key, opt in (("num_branches", "branches"), ("width", "width"), ("gamma", "gamma"),
+                     ("diagonal", "diagonal"), ("reduction", "reduction"), ("diversity_terms", "diversity_terms"),
+                     ("diversity_normalize", "diversity_normalize"), ("diversity_weight", "diversity_weight")):
+        if getattr(args, opt) is not None:
+            model_options[key] = getattr(args, opt)
+    data_options = dict(base.pop("data_options", {}) or {})
+    data_options.update(dict(args.data_option))
+    fields = dict(
+        model=args.model, dataset=args.dataset, data_root=args.data_root,
+        label_space=None if str(args.label_space).lower() == "none" else args.label_space,
+        image_size=args.image_size, protocol=args.protocol, epochs=args.epochs, epochs_later=args.epochs_later,
+        lr=args.lr, lr_new=args.lr_new, lr_old=args.lr_old, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
+        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, subset_per_class=args.subset_per_class,
+        branch_init=args.branch_init, val_fraction=args.val_fraction, train_transform=args.train_transform,
+        normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
+        name=args.name, output_dir=args.output_dir, cache_dir=args.cache_dir, seed=args.seed,
+        deterministic=args.deterministic, device=args.device, num_workers=args.workers,
+        progress=not args.no_progress, figures=not args.no_figures)
+    # a config file sets fields the command line left at their defaults
+    defaults = TrainConfig().to_dict()
+    merged = {**defaults, **base}
+    merged.update({k: v for k, v in fields.items() if v != defaults.get(k)})
+    merged.update(model_options=model_options, data_options=data_options)
+    return TrainConfig.from_dict(merged)
+
+
+def run_demo(output_dir: str, progress: bool = True) -> Path:
+    """Train the demo configuration (resuming or reusing an existing demo run)."""
+    from . import runs
+
+    cfg = TrainConfig(**{**DEMO, "output_dir": output_dir, "progress": progress})
+    path = Path(cfg.output_dir) / cfg.run_name
+    if (path / "metrics.json").exists():
+        logging.getLogger(__name__).warning("demo run %s already finished; delete it to train again", path)
+        return path
+    return train(cfg, resume=(path / "config.json").exists())
+
+
+def _summary(path: Path) -> str:
+    from .runs import read_json
+
+    m = read_json(path / "metrics.json")
+    test = m.get("test", {})
+    parts = [f"run: {path}", f"selected: stage {m['selected']['stage'] + 1}, epoch {m['selected']['epoch'] + 1} "
+             f"(val {m['selected']['head']} acc {m['selected']['val_score']:.4f})",
+             f"train time: {m['train_time_s']:.0f} s, parameters: {m['num_parameters']:,}"]
+    accs = {k[4:]: v for k, v in test.items() if k.startswith("acc_")}
+    if accs:
+        parts.append("test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accs.items()))
+    ds = {k: v for k, v in test.items() if k.startswith("D_")}
+    if ds:
+        parts.append("test determinants: " + ", ".join(f"{k} {v:.4f}" for k, v in ds.items()))
+    figs = sorted(p.name for p in (path / "figures").glob("*.png"))
+    parts.append(f"figures ({path / 'figures'}): {', '.join(figs)}")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        if args.command == "models":
+            from .models import list_models, model_spec
+
+            for name in list_models():
+                print(f"{name:16s} {model_spec(name).description}")
+            return 0
+        if args.command == "demo":
+            path = run_demo(args.output_dir, progress=not args.no_progress)
+            print(_summary(path))
+            return 0
+        if args.command == "train":
+            cfg = config_from_args(args)
+            path = train(cfg, resume=args.resume)
+            print(_summary(path))
+            return 0
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1

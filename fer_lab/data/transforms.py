@@ -1,0 +1,55 @@
+"""Transform presets from SPEC sections 3-5, built on ``torchvision.transforms.v2``.
+
+Every preset takes a uint8 ``(C, H, W)`` tensor (C = 1 or 3) and returns a float32
+``(3, size, size)`` tensor in ``[0, 1]`` (or ImageNet-normalised when asked).
+Grayscale faces become 3 channels. Region masks (``tv_tensors.Mask``) passed along
+with the image follow the same geometric transforms.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PRESETS = ("esr_train", "manet_train", "eval")
+
+
+def build_transform(preset: str, size: int = 96, *, normalize: str | None = None,
+                    random_erasing: bool = False, rgb: bool = True) -> v2.Compose:
+    """Transform for ``preset`` at ``size`` px.
+
+    - ``esr_train``: ColorJitter(brightness 0.5, contrast 0.5), horizontal flip,
+      RandomAffine(30 deg, translate 0.1, scale 1.0-1.25), resize to ``size``.
+    - ``manet_train``: RandomResizedCrop(``size``) and horizontal flip.
+    - ``eval``: resize to ``size`` only.
+
+    ``normalize="imagenet"`` applies ImageNet mean/std (RAF-DB fine-tuning);
+    ``random_erasing`` appends RandomErasing (train presets only); ``rgb=False`` keeps
+    the input's channel count instead of producing 3 channels.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown transform preset {preset!r}; expected one of {PRESETS}")
+    if normalize not in (None, "imagenet"):
+        raise ValueError(f"normalize={normalize!r}: expected None or 'imagenet'")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size={size!r}: expected an int >= 8 (pixels)")
+    ops: list = [v2.RGB()] if rgb else []
+    if preset == "esr_train":
+        ops += [
+            v2.Resize((size, size), antialias=True),
+            v2.ColorJitter(brightness=0.5, contrast=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(1.0, 1.25)),
+        ]
+    elif preset == "manet_train":
+        ops += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops += [v2.Resize((size, size), antialias=True)]
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if normalize == "imagenet":
+        ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    if random_erasing and preset != "eval":
+        ops.append(v2.RandomErasing())
+    return v2.Compose(ops)

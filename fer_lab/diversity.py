@@ -1,0 +1,229 @@
+"""The diversity term of Heidari & Iosifidis (SPEC section 1), in small composable pieces.
+
+Pooling (``spatial_pool``, ``channel_pool``) turns each learner's feature or
+attention maps into one vector per sample; ``similarity_matrix`` builds the RBF
+similarity between learners, averaged over the batch; ``diversity`` reduces it to
+``det(S)`` (or a jittered ``logdet``). ``DiversityConfig`` says which terms a model
+uses, and ``diversity_terms`` evaluates them on a model's learner features.
+
+This file knows nothing about models or training: it maps tensors to tensors.
+
+Conventions: ``features`` is ``(L, N, *dims)`` - L learners, N samples. All
+computation of ``S`` and its determinant runs in float32 (float64 inputs stay
+float64, which ``gradcheck`` needs), with autocast disabled, so bf16/fp16 training
+does not degrade the determinant. The paper's matrix has a unit diagonal; the
+authors' public code leaves the diagonal at zero (``diagonal="reference"``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+Diagonal = Literal["paper", "reference"]
+Reduction = Literal["det", "logdet"]
+
+#: Jitter added to S before ``logdet``: ``logdet(S + LOGDET_JITTER * I)``. It bounds
+#: the term below by ``L * log(1e-6)`` ~ ``-13.8 L`` when learners coincide.
+LOGDET_JITTER = 1e-6
+
+
+def spatial_pool(maps: torch.Tensor) -> torch.Tensor:
+    """Mean over channels: ``(..., C, H, W) -> (..., H, W)`` ("where" a learner looks)."""
+    if maps.dim() < 3:
+        raise ValueError(f"spatial_pool expects (..., C, H, W), got shape {tuple(maps.shape)}")
+    return maps.mean(dim=-3)
+
+
+def channel_pool(maps: torch.Tensor) -> torch.Tensor:
+    """Mean over height and width: ``(..., C, H, W) -> (..., C)`` ("what" a learner encodes)."""
+    if maps.dim() < 3:
+        raise ValueError(f"channel_pool expects (..., C, H, W), got shape {tuple(maps.shape)}")
+    return maps.mean(dim=(-2, -1))
+
+
+def _check_gamma(gamma: float) -> float:
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma={gamma!r}: expected a finite number > 0")
+    return gamma
+
+
+def _as_learner_batch(features: torch.Tensor, check_finite: bool) -> torch.Tensor:
+    """``(L, N, *dims)`` -> ``(L, N, D)`` in float32 (float64 kept), validated."""
+    if not torch.is_tensor(features):
+        raise TypeError(f"features must be a tensor of shape (L, N, *dims), got {type(features).__name__}")
+    if features.dim() < 2:
+        raise ValueError(f"features must have shape (L, N, *dims) with L learners and N samples, "
+                         f"got shape {tuple(features.shape)}")
+    L, N = features.shape[:2]
+    if L < 1 or N < 1:
+        raise ValueError(f"features need at least one learner and one sample, got L={L}, N={N}")
+    if check_finite and not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or Inf; the similarity matrix would be undefined "
+                         "(check the model's activations or the learning rate)")
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return features.reshape(L, N, -1).to(dtype)
+
+
+def pairwise_sq_distances(features: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared distances between learners.
+
+    ``features`` ``(L, N, D)`` -> ``(P, N)`` for the ``P = L(L-1)/2`` pairs ``l < k``
+    in ``torch.triu_indices(L, L, 1)`` order. Differences are taken explicitly (not
+    through the Gram expansion), so identical learners give exactly 0.
+    """
+    L = features.shape[0]
+    rows, cols = torch.triu_indices(L, L, offset=1, device=features.device)
+    diff = features.index_select(0, rows) - features.index_select(0, cols)
+    return diff.pow(2).sum(dim=-1)
+
+
+def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Diagonal = "paper",
+                      *, check_finite: bool = True) -> torch.Tensor:
+    """RBF similarity between learners, averaged over samples.
+
+    ``S_lk = mean_i exp(-gamma * ||f_l,i - f_k,i||^2)`` for ``features`` of shape
+    ``(L, N, *dims)``; returns ``S`` of shape ``(L, L)`` (float32, or float64 for
+    float64 input). ``diagonal="paper"`` gives ``S_ll = 1`` (the paper's formula,
+    symmetric positive semi-definite); ``diagonal="reference"`` sets ``S_ll = 0`` as
+    the authors' public code does, which makes ``det`` change sign with L.
+    Vectorised over pairs and samples; differentiable.
+    """
+    if diagonal not in ("paper", "reference"):
+        raise ValueError(f"diagonal={diagonal!r}: expected 'paper' (unit diagonal) or 'reference' "
+                         "(zero diagonal of the public code)")
+    gamma = _check_gamma(gamma)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f = _as_learner_batch(features, check_finite)
+        L = f.shape[0]
+        off = torch.exp(-gamma * pairwise_sq_distances(f)).mean(dim=1)          # (P,)
+        S = torch.full((L, L), 1.0 if diagonal == "paper" else 0.0, dtype=f.dtype, device=f.device)
+        if L > 1:
+            rows, cols = torch.triu_indices(L, L, offset=1, device=f.device)
+            S = S.index_put((rows, cols), off).index_put((cols, rows), off)
+    return S
+
+
+def reduce_similarity(S: torch.Tensor, reduction: Reduction = "det", diagonal: Diagonal = "paper") -> torch.Tensor:
+    """Scalar diversity from a similarity matrix ``S`` ``(L, L)``.
+
+    ``"det"``: ``det(S)``; with the paper's diagonal it is clamped into ``[0, 1]``
+    (its exact range; float32 round-off can otherwise give ``-1e-8``).
+    ``"logdet"``: ``logdet(S + LOGDET_JITTER * I)``, finite even for coinciding learners;
+    only defined for the paper's diagonal (the reference matrix is indefinite).
+    """
+    if reduction == "det":
+        with torch.autocast(device_type=S.device.type, enabled=False):
+            D = torch.linalg.det(S)
+        return D.clamp(0.0, 1.0) if diagonal == "paper" else D
+    if reduction == "logdet":
+        if diagonal != "paper":
+            raise ValueError("reduction='logdet' needs diagonal='paper': the reference (zero-diagonal) "
+                             "matrix is indefinite, so its log-determinant is undefined (NaN) for half the L")
+        eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        with torch.autocast(device_type=S.device.type, enabled=False):
+            return torch.logdet(S + LOGDET_JITTER * eye)
+    raise ValueError(f"reduction={reduction!r}: expected 'det' or 'logdet'")
+
+
+def diversity(features: torch.Tensor, gamma: float = 10.0, diagonal: Diagonal = "paper",
+              reduction: Reduction = "det", *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diversity of L learners: returns ``(D, S)``.
+
+    ``features`` ``(L, N, *dims)``; ``S`` ``(L, L)`` from :func:`similarity_matrix`;
+    ``D`` a scalar from :func:`reduce_similarity`. Maximise ``D`` (the training loss
+    subtracts it). For the paper's diagonal ``0 <= D <= 1``; ``L = 2`` gives
+    ``D = 1 - s^2``; identical learners give 0; ``L = 1`` gives 1 (a constant, the
+    training engine adds no term for a single learner).
+    """
+    S = similarity_matrix(features, gamma, diagonal, check_finite=check_finite)
+    return reduce_similarity(S, reduction, diagonal), S
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration: which terms a model uses
+# ---------------------------------------------------------------------------------------
+#: Term names, in the paper's words. ESR uses ``spatial`` and ``channel`` (over branches);
+#: MA-Net uses ``spatial`` and ``channel`` over patches and ``branch`` (local vs global).
+TERMS = ("spatial", "channel", "branch")
+
+
+@dataclass
+class DiversityConfig:
+    """Which diversity terms to add and how; part of a model's config.
+
+    - ``terms``: subset of :data:`TERMS`; empty means no diversity (plain CE).
+    - ``gamma``: RBF bandwidth (10 in every published experiment).
+    - ``diagonal``: ``"paper"`` (unit diagonal) or ``"reference"`` (public code's zero diagonal).
+    - ``reduction``: ``"det"`` (paper) or ``"logdet"`` (jittered, safer gradients).
+    - ``weight``: multiplier of each term in the loss (1 in the paper).
+    - ``normalize``: ``"none"`` (paper) or ``"l2"``: unit-normalise each pooled
+      vector before the similarity, which puts ``||a - b||^2`` in ``[0, 4]`` whatever
+      the activations' scale.
+    """
+
+    terms: tuple[str, ...] = ()
+    gamma: float = 10.0
+    diagonal: Diagonal = "paper"
+    reduction: Reduction = "det"
+    weight: float = 1.0
+    normalize: Literal["none", "l2"] = "none"
+
+    def __post_init__(self):
+        self.terms = tuple(self.terms)
+        unknown = [t for t in self.terms if t not in TERMS]
+        if unknown:
+            raise ValueError(f"diversity terms {unknown} are unknown; expected a subset of {TERMS}")
+        _check_gamma(self.gamma)
+        if self.diagonal not in ("paper", "reference"):
+            raise ValueError(f"diagonal={self.diagonal!r}: expected 'paper' or 'reference'")
+        if self.reduction not in ("det", "logdet"):
+            raise ValueError(f"reduction={self.reduction!r}: expected 'det' or 'logdet'")
+        if self.reduction == "logdet" and self.diagonal == "reference":
+            raise ValueError("reduction='logdet' needs diagonal='paper' (the reference matrix is indefinite)")
+        if self.normalize not in ("none", "l2"):
+            raise ValueError(f"normalize={self.normalize!r}: expected 'none' or 'l2'")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.terms)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["terms"] = list(self.terms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DiversityConfig":
+        return cls(**(d or {}))
+
+
+def prepare(features: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+    """Flatten ``(L, N, *dims) -> (L, N, D)`` and apply the optional L2 normalisation."""
+    f = features.reshape(features.shape[0], features.shape[1], -1)
+    if normalize == "l2":
+        f = torch.nn.functional.normalize(f.float(), dim=-1, eps=1e-8)
+    return f
+
+
+def diversity_terms(learner_features: dict[str, torch.Tensor], config: DiversityConfig,
+                    terms: tuple[str, ...] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluate diversity terms: ``{term: (D, S)}``.
+
+    ``learner_features`` maps a term name to its pooled features ``(L, N, *dims)``
+    (a model decides what each term compares); ``terms`` defaults to ``config.terms``.
+    Terms with a single learner are skipped (their determinant is a constant).
+    """
+    out = {}
+    for term in config.terms if terms is None else terms:
+        if term not in learner_features:
+            raise KeyError(f"the model does not provide features for the {term!r} diversity term; "
+                           f"it provides {sorted(learner_features)}")
+        f = prepare(learner_features[term], config.normalize)
+        if f.shape[0] < 2:
+            continue
+        out[term] = diversity(f, config.gamma, config.diagonal, config.reduction)
+    return out

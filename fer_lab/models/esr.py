@@ -1,0 +1,289 @@
+"""ESR: Ensembles with Shared Representations (Siqueira et al. 2020), with optional CBAM.
+
+A shared convolutional base feeds ``L`` convolutional branches held in an
+``nn.ModuleList`` (so ``eval()``, ``state_dict()`` and ``.to()`` see every branch -
+the public code's plain list did not). ``attention=True`` adds CBAM after every conv
+block (ESR*, SPEC section 3); the last CBAM of each branch supplies the maps the
+diversity term compares. ``width`` scales every channel count so the same code runs
+small on a CPU; the paper's model is ``width=1, input_size=96``.
+
+This file holds the architecture and its loss; the growth protocol (adding a branch
+per stage, learning rates) is the training engine's business.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diversity import DiversityConfig
+from .cbam import CBAM
+from .common import LossOutput, diversity_loss, ensemble_from_logits, multi_head_ce
+
+# (in, out, kernel, padding, maxpool-after) for the base and each branch (SPEC section 3).
+BASE_LAYOUT = ((None, 64, 5, 0, False), (64, 128, 3, 0, True), (128, 128, 3, 0, False), (128, 128, 3, 0, True))
+BRANCH_LAYOUT = ((128, 128, 3, 0, False), (128, 256, 3, 0, True), (256, 256, 3, 0, False), (256, 512, 3, 1, False))
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count under the ``width`` multiplier (at least 16, so CBAM's C/16 MLP exists)."""
+    return max(16, int(round(channels * width)))
+
+
+def output_size(input_size: int) -> tuple[int, int]:
+    """Spatial side of the base output and of the branch's last map for a square input.
+
+    ``output_size(96) == (20, 6)``. Sizes below 1 mean the input is too small.
+    """
+    s = input_size
+    for layout in (BASE_LAYOUT, BRANCH_LAYOUT):
+        for _, _, k, p, pool in layout:
+            s = s + 2 * p - k + 1
+            if pool:
+                s //= 2
+        if layout is BASE_LAYOUT:
+            base = s
+    return base, s
+
+
+#: Smallest input side for which every ESR layer has a non-empty output.
+MIN_INPUT_SIZE = next(s for s in range(8, 256) if min(output_size(s)) >= 1)
+
+
+class ConvBlock(nn.Module):
+    """conv (with bias) -> BatchNorm -> ReLU -> [CBAM] -> [max-pool 2].
+
+    ``forward(x)`` returns ``(y, attention)`` where ``attention`` is ``(channel (B, C),
+    spatial (B, H, W))`` from the CBAM, or ``None`` without attention. CBAM runs before
+    the pooling, at the block's full resolution.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, padding: int, pool: bool, attention: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=padding)
+        self.bn = nn.BatchNorm2d(cout)
+        self.cbam = CBAM(cout) if attention else None
+        self.pool = nn.MaxPool2d(2, 2) if pool else None
+
+    def forward(self, x: torch.Tensor):
+        x = F.relu(self.bn(self.conv(x)), inplace=True)
+        att = None
+        if self.cbam is not None:
+            x, ca, sa = self.cbam(x)
+            att = (ca, sa)
+        if self.pool is not None:
+            x = self.pool(x)
+        return x, att
+
+
+class _Stack(nn.Module):
+    """A sequence of ConvBlocks that also collects each block's attention maps."""
+
+    def __init__(self, layout, in_channels: int, width: float, attention: bool):
+        super().__init__()
+        blocks = []
+        for cin, cout, k, p, pool in layout:
+            cin = in_channels if cin is None else scaled(cin, width)
+            blocks.append(ConvBlock(cin, scaled(cout, width), k, p, pool, attention))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor):
+        atts = []
+        for block in self.blocks:
+            x, att = block(x)
+            atts.append(att)
+        return x, atts
+
+
+class Base(_Stack):
+    """Shared base: ``(B, in_channels, S, S) -> (B, 128w, s, s)`` (``128 x 20 x 20`` at 96 px)."""
+
+    def __init__(self, in_channels: int = 3, width: float = 1.0, attention: bool = False):
+        super().__init__(BASE_LAYOUT, in_channels, width, attention)
+
+
+class Branch(nn.Module):
+    """One convolutional branch: four ConvBlocks, global average pooling, ``fc -> classes``.
+
+    ``forward(shared)`` returns ``(logits (B, K), last map (B, 512w, h, w), attentions)``.
+    """
+
+    def __init__(self, num_classes: int = 8, width: float = 1.0, attention: bool = False):
+        super().__init__()
+        self.convs = _Stack(BRANCH_LAYOUT, 0, width, attention)
+        self.fc = nn.Linear(scaled(512, width), num_classes)
+
+    def forward(self, shared: torch.Tensor):
+        x, atts = self.convs(shared)
+        return self.fc(x.mean(dim=(2, 3))), x, atts
+
+
+@dataclass
+class ESROutput:
+    """What :class:`ESR` returns. ``L`` branches, batch ``B``, ``K`` classes.
+
+    - ``branch_logits`` ``(L, B, K)``
+    - ``probs`` ``(B, K)``: mean of the branches' softmax
+    - ``logits`` ``(B, K)``: ``log(probs)``, the ensemble's log-probabilities (usable as logits)
+    - ``vote_counts`` ``(B, K)`` and ``votes`` ``(B,)``: plurality vote of the branches'
+      argmax, ties to the lowest class index
+    - ``features`` ``(L, B, C, h, w)``: each branch's last map (after its last CBAM)
+    - ``spatial_attention`` ``(L, B, h, w)`` / ``channel_attention`` ``(L, B, C)``: each
+      branch's last CBAM maps (``None`` without attention)
+    - ``layer_attention``: with ``return_all_attention=True``, ``{"base.j" | "branch<l>.j":
+      (channel (B, C), spatial (B, H, W))}`` for every CBAM
+    """
+
+    branch_logits: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    vote_counts: torch.Tensor
+    votes: torch.Tensor
+    features: torch.Tensor
+    spatial_attention: torch.Tensor | None = None
+    channel_attention: torch.Tensor | None = None
+    layer_attention: dict = field(default_factory=dict)
+
+
+class ESR(nn.Module):
+    """Ensemble with shared representations.
+
+    Args:
+        num_branches: branches built now (the growth protocol adds more with :meth:`add_branch`).
+        num_classes: classes per branch head (8 for AffectNet order).
+        attention: CBAM after every conv block (ESR*).
+        diversity: which diversity terms the loss adds (:class:`~fer_lab.diversity.DiversityConfig`).
+        diversity_source: ``"attention"`` compares the last CBAM's spatial/channel attention
+            (the paper, needs ``attention=True``); ``"features"`` compares the channel- and
+            spatially-pooled last feature maps (works without CBAM).
+        width: channel multiplier (1.0 = paper).
+        input_size: square input side in pixels (96 = paper; at least :data:`MIN_INPUT_SIZE`).
+        in_channels: 3 for RGB, 1 for grayscale.
+
+    ``forward(x)`` with ``x`` ``(B, in_channels, S, S)`` in ``[0, 1]`` returns :class:`ESROutput`.
+    """
+
+    family = "esr"
+    main_head = "ensemble"
+
+    def __init__(self, num_branches: int = 9, num_classes: int = 8, attention: bool = False,
+                 diversity: DiversityConfig | dict | None = None, diversity_source: str | None = None,
+                 width: float = 1.0, input_size: int = 96, in_channels: int = 3, name: str = "esr"):
+        super().__init__()
+        if int(num_branches) < 1:
+            raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes={num_classes!r}: expected an int >= 2")
+        if not (0 < float(width) <= 4):
+            raise ValueError(f"width={width!r}: expected a channel multiplier in (0, 4]")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels={in_channels!r}: expected 1 (grayscale) or 3 (RGB)")
+        if int(input_size) < MIN_INPUT_SIZE:
+            raise ValueError(f"input_size={input_size!r}: ESR needs at least {MIN_INPUT_SIZE} px "
+                             f"(the branch's last map would be empty); the paper uses 96")
+        self.diversity = diversity if isinstance(diversity, DiversityConfig) else DiversityConfig.from_dict(diversity)
+        if diversity_source is None:
+            diversity_source = "attention" if attention else "features"
+        if diversity_source not in ("attention", "features"):
+            raise ValueError(f"diversity_source={diversity_source!r}: expected 'attention' or 'features'")
+        if diversity_source == "attention" and not attention and self.diversity.enabled:
+            raise ValueError("diversity_source='attention' needs attention=True (CBAM); "
+                             "use diversity_source='features' to diversify a model without CBAM")
+        if "branch" in self.diversity.terms:
+            raise ValueError("ESR has no 'branch' diversity term (that is MA-Net's local/global term); "
+                             "use 'spatial' and/or 'channel'")
+        self.name = name
+        self.num_classes = int(num_classes)
+        self.attention = bool(attention)
+        self.diversity_source = diversity_source
+        self.width = float(width)
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        self.base = Base(in_channels, self.width, self.attention)
+        self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
+
+    # ---- structure ----------------------------------------------------------------------
+    def _new_branch(self) -> Branch:
+        return Branch(self.num_classes, self.width, self.attention)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    def add_branch(self, init: str = "random") -> Branch:
+        """Append a branch (on the model's device, in the model's train/eval mode) and return it.
+
+        ``init="random"``: fresh initialisation; ``"copy"``: a copy of the last branch.
+        """
+        if init == "copy":
+            new = copy.deepcopy(self.branches[-1])
+        elif init == "random":
+            new = self._new_branch()
+        else:
+            raise ValueError(f"init={init!r}: expected 'random' or 'copy'")
+        p = next(self.parameters())
+        new = new.to(device=p.device, dtype=p.dtype).train(self.training)   # same mode as the model
+        self.branches.append(new)
+        return new
+
+    @property
+    def config(self) -> dict:
+        """JSON-able constructor arguments (current branch count); ``build_model_from_config`` inverts it."""
+        return {
+            "name": self.name, "family": self.family, "num_branches": self.num_branches,
+            "num_classes": self.num_classes, "attention": self.attention,
+            "diversity": self.diversity.to_dict(), "diversity_source": self.diversity_source,
+            "width": self.width, "input_size": self.input_size, "in_channels": self.in_channels,
+        }
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, return_all_attention: bool = False) -> ESROutput:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"ESR expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        shared, base_atts = self.base(x)
+        logits, feats, atts = [], [], []
+        for branch in self.branches:
+            lg, f, a = branch(shared)
+            logits.append(lg)
+            feats.append(f)
+            atts.append(a)
+        branch_logits = torch.stack(logits)
+        probs, log_probs, counts, votes = ensemble_from_logits(branch_logits)
+        out = ESROutput(branch_logits=branch_logits, probs=probs, logits=log_probs, vote_counts=counts,
+                        votes=votes, features=torch.stack(feats))
+        if self.attention:
+            out.channel_attention = torch.stack([a[-1][0] for a in atts])
+            out.spatial_attention = torch.stack([a[-1][1] for a in atts])
+            if return_all_attention:
+                out.layer_attention = {f"base.{j}": a for j, a in enumerate(base_atts)}
+                for l, branch_atts in enumerate(atts):
+                    out.layer_attention.update({f"branch{l}.{j}": a for j, a in enumerate(branch_atts)})
+        return out
+
+    # ---- objective ----------------------------------------------------------------------
+    def learner_features(self, out: ESROutput) -> dict[str, torch.Tensor]:
+        """Per-term learner features ``(L, B, ...)`` the diversity term compares."""
+        if self.diversity_source == "attention":
+            return {"spatial": out.spatial_attention, "channel": out.channel_attention}
+        return {"spatial": out.features.mean(dim=2), "channel": out.features.mean(dim=(3, 4))}
+
+    def loss(self, out: ESROutput, target: torch.Tensor) -> LossOutput:
+        """Sum over branches of cross-entropy, minus ``weight * (D_sp + D_ch)`` (the configured terms).
+
+        ``target`` is ``(B,)`` class indices or ``(B, K)`` class probabilities (soft labels).
+        Diversity is added only with more than one branch. Both terms are always
+        reported in ``LossOutput.diversity`` (monitored without gradient when not in the loss).
+        """
+        ce = multi_head_ce(out.branch_logits, target)
+        return diversity_loss(self.learner_features(out), self.diversity, ("spatial", "channel"),
+                              ce.sum(), {f"branch_{l + 1}": c for l, c in enumerate(ce)})
+
+    def heads(self, out: ESROutput) -> dict[str, torch.Tensor]:
+        """Per-head scores for accuracy: ``ensemble`` (log mean softmax), ``vote`` (class
+        indices), and ``branch_<l>`` logits, all ``(B, K)`` except ``vote`` ``(B,)``."""
+        heads = {"ensemble": out.logits, "vote": out.votes}
+        heads.update({f"branch_{l + 1}": lg for l, lg in enumerate(out.branch_logits)})
+        return heads

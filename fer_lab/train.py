@@ -1,0 +1,593 @@
+"""One training engine for every model and every row of Table 1.
+
+``train(TrainConfig(...))`` builds the model and data, runs the protocol stage by
+stage, records every epoch, selects the checkpoint on the validation split, evaluates
+the test split once for that checkpoint, and writes a run directory
+(:mod:`fer_lab.runs`). Protocols:
+
+- ``esr_growth`` (SPEC section 3): stage 1 trains base + branch 1 at ``lr``; each later
+  stage reloads the previous stage's best checkpoint, adds a branch and trains
+  everything (new branch at ``lr_new``, base and old branches at ``lr_old``), with a
+  fresh class-balanced subset and a fresh StepLR per stage.
+- ``single``: one stage, every parameter at ``lr`` (MA-Net, or an ESR trained jointly).
+
+The loss is the model's (``model.loss``): sum of branch CE minus the configured
+diversity terms, so the engine never needs to know which row it runs. Watch training
+from a notebook with :class:`Callback` instead of copying the loop.
+
+The engine is deliberately not a general trainer: no mixed-precision, distributed or
+gradient-accumulation switches beyond what the paper's protocols need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import runs
+from .data import balanced_subset, build_dataset, build_transform, dataset_splits
+from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
+from .models.common import TERM_ABBREV
+from .utils import derive_seed, pick_device, set_deterministic, set_seed
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("auto", "esr_growth", "single")
+# config keys that may differ between an interrupted run and its resumption
+_VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; written to the run's ``config.json``.
+
+    What: ``model`` (a registered name) with ``model_options`` (overrides such as
+    ``num_branches``, ``width``, ``gamma``, ``diagonal``, ``diversity_terms``), ``dataset``
+    with ``data_root`` and ``data_options``, ``label_space`` (``"auto"``: the model
+    variant's, e.g. ``affectnet8`` for ESR).
+
+    Protocol: ``protocol`` (``auto`` = ``esr_growth`` for ESR, ``single`` otherwise),
+    ``epochs`` (first/only stage), ``epochs_later`` (each later ESR stage), ``lr`` (first
+    stage, all parameters), ``lr_new``/``lr_old`` (later ESR stages), StepLR
+    ``lr_step``/``lr_gamma``, SGD ``momentum``/``weight_decay``, ``batch_size``,
+    ``subset_per_class`` (class-balanced subset redrawn each stage; ``None`` = all),
+    ``branch_init`` (``random`` or ``copy`` of the last branch), ``val_fraction`` (held out
+    of train, stratified, when the dataset has no validation split).
+
+    Execution: ``seed``, ``deterministic`` (PyTorch deterministic mode), ``device``
+    (``auto``/``cpu``/``cuda``), ``num_workers``, ``progress`` (tqdm bars), ``figures``.
+    """
+
+    model: str = "esr9_div"
+    model_options: dict = field(default_factory=dict)
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    data_options: dict = field(default_factory=dict)
+    label_space: str | None = "auto"
+    image_size: int | None = None
+    train_transform: str | None = None
+    normalize: str | None = None
+    random_erasing: bool = False
+
+    name: str | None = None
+    output_dir: str = "outputs/runs"
+    cache_dir: str | None = "outputs/cache"
+
+    protocol: str = "auto"
+    epochs: int = 50
+    epochs_later: int = 20
+    lr: float = 0.1
+    lr_new: float = 0.1
+    lr_old: float = 0.01
+    lr_step: int = 10
+    lr_gamma: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    subset_per_class: int | None = 5000
+    branch_init: str = "random"
+    val_fraction: float = 0.1
+
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    figures: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.protocol not in PROTOCOLS:
+            problems.append(f"protocol={self.protocol!r}: expected one of {PROTOCOLS}")
+        for key in ("epochs", "batch_size", "eval_batch_size", "lr_step"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{key}={v!r}: expected an int >= 1")
+        if not isinstance(self.epochs_later, int) or self.epochs_later < 1:
+            problems.append(f"epochs_later={self.epochs_later!r}: expected an int >= 1")
+        for key in ("lr", "lr_new", "lr_old"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                problems.append(f"{key}={v!r}: expected a finite learning rate >= 0")
+        if not (0 < self.lr_gamma <= 1):
+            problems.append(f"lr_gamma={self.lr_gamma!r}: expected a factor in (0, 1]")
+        if not (0 <= self.momentum < 1):
+            problems.append(f"momentum={self.momentum!r}: expected a value in [0, 1)")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay!r}: expected >= 0")
+        if self.subset_per_class is not None and (not isinstance(self.subset_per_class, int)
+                                                  or self.subset_per_class < 1):
+            problems.append(f"subset_per_class={self.subset_per_class!r}: expected an int >= 1 or None")
+        if self.branch_init not in ("random", "copy"):
+            problems.append(f"branch_init={self.branch_init!r}: expected 'random' or 'copy'")
+        if not (0 < self.val_fraction < 1):
+            problems.append(f"val_fraction={self.val_fraction!r}: expected a fraction in (0, 1)")
+        if self.num_workers < 0:
+            problems.append(f"num_workers={self.num_workers!r}: expected >= 0")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            problems.append(f"image_size={self.image_size!r}: expected None (model default) or an int >= 8")
+        if problems:
+            raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.model}-{self.dataset}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a protocol: ``branches`` learners, ``epochs`` epochs, learning rates."""
+
+    index: int
+    epochs: int
+    branches: int | None        # ESR branch count during the stage (None: model has no branches to grow)
+    lr_new: float               # lr of the newly added branch (stage 0 / single: every parameter)
+    lr_old: float               # lr of the base and older branches
+
+
+def plan_stages(cfg: TrainConfig, protocol: str, target_branches: int | None) -> list[Stage]:
+    """Stages of ``protocol``: one per ESR branch for ``esr_growth``, one for ``single``."""
+    if protocol == "esr_growth":
+        first = Stage(0, cfg.epochs, 1, cfg.lr, cfg.lr)
+        return [first] + [Stage(s, cfg.epochs_later, s + 1, cfg.lr_new, cfg.lr_old)
+                          for s in range(1, target_branches)]
+    return [Stage(0, cfg.epochs, target_branches, cfg.lr, cfg.lr)]
+
+
+class Callback:
+    """Hooks a notebook can implement to watch training (all optional).
+
+    ``event`` dicts carry ``stage``, ``epoch``, ``model`` and, for epoch ends, the
+    history ``record`` just written.
+    """
+
+    def on_stage_start(self, event: dict) -> None: ...
+    def on_batch_end(self, event: dict) -> None: ...
+    def on_epoch_end(self, event: dict) -> None: ...
+    def on_train_end(self, event: dict) -> None: ...
+
+
+def _emit(callbacks: Iterable[Callback], hook: str, event: dict) -> None:
+    for cb in callbacks:
+        getattr(cb, hook, lambda e: None)(event)
+
+
+# ---- data ---------------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    train: Any
+    val: Any
+    test: Any
+    describe: dict
+    train_targets: np.ndarray
+    classes: tuple
+
+
+def holdout_split(targets: np.ndarray, fraction: float, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of indices into ``(keep, held_out)`` with ``fraction`` of each class held out."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        n = int(round(len(idx) * fraction))
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> DataBundle:
+    """Train/val/test datasets with the configured transforms, and their description.
+
+    Splits: the dataset's own ``val``/``test`` where it has them; without ``val``, a
+    stratified ``val_fraction`` of train is held out for model selection; without
+    ``test``, the dataset's ``val`` split is the reported one.
+    """
+    spec_data = model_spec(cfg.model).data
+    train_tf = build_transform(cfg.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
+                               normalize=cfg.normalize, random_erasing=cfg.random_erasing)
+    eval_tf = build_transform("eval", image_size, normalize=cfg.normalize)
+    splits = dataset_splits(cfg.dataset)
+    options = dict(cfg.data_options)
+    if cfg.dataset == "synthetic":
+        options.setdefault("size", image_size)
+        if cfg.cache_dir:
+            options.setdefault("cache", cfg.cache_dir)
+
+    def make(split, tf):
+        return build_dataset(cfg.dataset, root=cfg.data_root, split=split, transform=tf,
+                             label_space=label_space, **options)
+
+    train_full = make("train", train_tf)
+    has_val, has_test = "val" in splits, "test" in splits
+    train, train_targets = train_full, train_full.targets
+    if has_val and has_test:
+        val, test = make("val", eval_tf), make("test", eval_tf)
+        roles = {"train": "train", "val": "val", "test": "test"}
+    else:
+        # select on a stratified hold-out of train; report the dataset's own evaluation split
+        keep, held = holdout_split(train_full.targets, cfg.val_fraction, derive_seed("holdout", cfg.dataset))
+        train, train_targets = Subset(train_full, keep), train_full.targets[keep]
+        val = Subset(make("train", eval_tf), held)
+        reported = "test" if has_test else ("val" if has_val else None)
+        test = make(reported, eval_tf) if reported else None
+        roles = {"train": "train minus the hold-out", "val": f"{cfg.val_fraction:g} of train, stratified",
+                 "test": reported}
+
+    def info(ds):
+        if isinstance(ds, Subset):
+            return ds.dataset.describe(ds.indices)
+        return None if ds is None else ds.describe()
+
+    describe = {"dataset": cfg.dataset, "root": cfg.data_root, "label_space": label_space,
+                "image_size": image_size, "roles": roles, "options": {k: str(v) for k, v in options.items()},
+                "splits": {"train": info(train), "val": info(val), "test": info(test)}}
+    return DataBundle(train, val, test, describe, np.asarray(train_targets), tuple(train_full.classes))
+
+
+# ---- one epoch ----------------------------------------------------------------------------
+class EpochMeter:
+    """Accumulates a phase's losses, accuracies, diversity and similarity on the device."""
+
+    def __init__(self):
+        self.n = 0
+        self.batches = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sim: dict[str, torch.Tensor] = {}
+        self.sim_batches: dict[str, int] = {}
+
+    def _add(self, key, value, weight):
+        v = value.detach().float() * weight
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def update(self, lo, heads: dict, target: torch.Tensor) -> None:
+        b = target.shape[0]
+        hard = target.argmax(dim=1) if target.dim() == 2 else target
+        self.n += b
+        self.batches += 1
+        self._add("loss", lo.total, b)
+        self._add("ce", lo.ce_total, b)
+        for head, ce in lo.ce.items():
+            self._add(f"ce_{head}", ce, b)
+        for term, D in lo.diversity.items():
+            self._add(f"D_{TERM_ABBREV[term]}", D, b)
+        for term, S in lo.similarity.items():
+            k = TERM_ABBREV[term]
+            self.sim[k] = self.sim[k] + S.detach().float() if k in self.sim else S.detach().float()
+            self.sim_batches[k] = self.sim_batches.get(k, 0) + 1
+        for head, score in heads.items():
+            pred = score.argmax(dim=1) if score.dim() == 2 else score
+            self._add(f"acc_{head}", (pred == hard).float().sum(), 1)
+
+    def result(self) -> tuple[dict, dict]:
+        """(scalars averaged over samples, similarity matrices averaged over batches as numpy)."""
+        scalars = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
+        sims = {k: (v / self.sim_batches[k]).cpu().numpy() for k, v in self.sim.items()}
+        return scalars, sims
+
+
+def _grad_norms(model, lo) -> dict[str, float]:
+    """Norm of the parameter gradient of the CE part and of each diversity term in the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    parts = {"ce": lo.ce_total}
+    parts.update({f"D_{TERM_ABBREV[t]}": lo.diversity[t] for t in lo.in_loss})
+    for key, value in parts.items():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=value.device))
+        out[f"gradnorm_{key}"] = float(sq.sqrt())
+    return out
+
+
+def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None):
+    """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``."""
+    from tqdm.auto import tqdm
+
+    training = optimizer is not None
+    model.train(training)
+    meter = EpochMeter()
+    extra = {}
+    with torch.set_grad_enabled(training):
+        bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            out = model(x)
+            lo = model.loss(out, y)
+            if training:
+                if not torch.isfinite(lo.total):
+                    raise FloatingPointError(f"{desc}: loss became {float(lo.total)} at batch {i}; "
+                                             "lower the learning rate or check the data")
+                if i == 0:
+                    extra = _grad_norms(model, lo)
+                optimizer.zero_grad(set_to_none=True)
+                lo.total.backward()
+                optimizer.step()
+            meter.update(lo, model.heads(out), y)
+            if callbacks:
+                _emit(callbacks, "on_batch_end", {**(event or {}), "batch": i, "loss": lo})
+    scalars, sims = meter.result()
+    scalars.update(extra)
+    return scalars, sims
+
+
+@torch.no_grad()
+def predict(model, loader, device) -> dict[str, np.ndarray]:
+    """Scores of every head on ``loader`` in eval mode: ``{head: (N, K) or (N,)}``, plus ``target``."""
+    model.eval()
+    acc: dict[str, list] = {}
+    for x, y in loader:
+        out = model(x.to(device))
+        for head, score in model.heads(out).items():
+            s = score.float().softmax(dim=1) if score.dim() == 2 else score
+            acc.setdefault(head, []).append(s.cpu())
+        acc.setdefault("target", []).append((y.argmax(dim=1) if y.dim() == 2 else y).cpu())
+    return {k: torch.cat(v).numpy() for k, v in acc.items()}
+
+
+def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts, rows = true class, columns = predicted class."""
+    return np.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+# ---- the engine ---------------------------------------------------------------------------
+def _optimizer(model, stage: Stage, cfg: TrainConfig):
+    if stage.index == 0 or not hasattr(model, "branches"):
+        groups = [{"params": list(model.parameters()), "lr": stage.lr_new, "name": "all"}]
+    else:
+        new = list(model.branches[-1].parameters())
+        new_ids = {id(p) for p in new}
+        old = [p for p in model.parameters() if id(p) not in new_ids]
+        groups = [{"params": old, "lr": stage.lr_old, "name": "base+old branches"},
+                  {"params": new, "lr": stage.lr_new, "name": "new branch"}]
+    opt = torch.optim.SGD(groups, lr=stage.lr_new, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    return opt, sched
+
+
+def _loader(ds, batch_size, shuffle, seed, cfg, device, indices=None):
+    if indices is not None:
+        ds = Subset(ds, indices)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False,
+                      persistent_workers=False)
+
+
+def _flatten(prefix: str, scalars: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in scalars.items()}
+
+
+def _resolve(cfg: TrainConfig):
+    spec = model_spec(cfg.model)
+    mcfg = resolve_config(cfg.model, **cfg.model_options)
+    image_size = cfg.image_size or mcfg.get("input_size", spec.data.get("input_size", 96))
+    if "input_size" in mcfg:
+        mcfg["input_size"] = image_size
+    label_space = spec.data.get("label_space") if cfg.label_space == "auto" else cfg.label_space
+    protocol = cfg.protocol
+    growable = "num_branches" in mcfg
+    if protocol == "auto":
+        protocol = spec.data.get("protocol", "single") if growable else "single"
+    if protocol == "esr_growth" and not growable:
+        raise ValueError(f"protocol='esr_growth' needs a model with branches to grow; {cfg.model} has none")
+    return mcfg, image_size, label_space, protocol
+
+
+def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Callback] = ()) -> Path:
+    """Run (or resume) training; returns the run directory.
+
+    ``resume=True`` continues ``<output_dir>/<name>`` from its last finished epoch; the
+    configuration must match the saved one (except progress, device, workers, figures).
+    A resumed run ends with the same metrics as an uninterrupted one with the same seed.
+    """
+    cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    callbacks = list(callbacks)
+    if resume:
+        run = runs.RunDir.open_existing(cfg.output_dir, cfg.run_name)
+        saved = runs.read_json(run.config)["train"]
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+                if k not in _VOLATILE and saved.get(k) != v and not (isinstance(v, tuple) and list(v) == saved.get(k))}
+        if diff:
+            raise ValueError(f"cannot resume {run.path}: the configuration differs from the saved one in "
+                             + ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, (a, b) in diff.items()))
+    else:
+        run = None
+    mcfg, image_size, label_space, protocol = _resolve(cfg)
+    device = pick_device(cfg.device)
+    set_deterministic(cfg.deterministic)
+    set_seed(derive_seed(cfg.seed, "init"))
+
+    data = build_data(cfg, image_size, label_space)
+    if mcfg.get("num_classes") != len(data.classes):
+        raise ValueError(f"model {cfg.model} has num_classes={mcfg.get('num_classes')} but dataset "
+                         f"{cfg.dataset} (label_space={label_space!r}) has {len(data.classes)} classes "
+                         f"{list(data.classes)}; set model_options num_classes or label_space")
+    target_branches = mcfg.get("num_branches")
+    stages = plan_stages(cfg, protocol, target_branches)
+    if run is None:
+        run = runs.RunDir.create(cfg.output_dir, cfg.run_name)
+        runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol,
+                                     "stages": [dataclasses.asdict(s) for s in stages],
+                                     "image_size": image_size, "label_space": label_space,
+                                     "classes": list(data.classes)})
+        runs.write_json(run.dataset, data.describe)
+    runs.write_json(run.env, runs.environment(device))
+
+    # ---- state: fresh or from last.pt ----
+    state = {"stage": 0, "epoch": -1, "history": [], "sims": [], "best_score": -math.inf, "best_epoch": None,
+             "elapsed": 0.0}
+    ckpt = runs.load_checkpoint(run.last) if resume and run.last.exists() else None
+    if ckpt is not None:
+        model = build_model_from_config(ckpt["model_config"]).to(device)
+        model.load_state_dict(ckpt["model"])
+        state.update(ckpt["state"])
+        log.info("resuming %s at stage %d after epoch %d", run.path, state["stage"], state["epoch"])
+    else:
+        start_cfg = dict(mcfg, num_branches=1) if protocol == "esr_growth" else mcfg
+        model = build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"}).to(device)
+    t_start = time.perf_counter() - state["elapsed"]
+
+    for stage in stages[state["stage"]:]:
+        continuing = ckpt is not None and ckpt["state"]["stage"] == stage.index
+        if not continuing and stage.index > 0:
+            # begin a later ESR stage: best of the previous stage, plus a new branch
+            best = runs.load_checkpoint(run.stage_best(stage.index - 1))
+            model = build_model_from_config(best["model_config"]).to(device)
+            model.load_state_dict(best["model"])
+            set_seed(derive_seed(cfg.seed, "branch", stage.index))
+            model.add_branch(cfg.branch_init)
+            state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
+        optimizer, scheduler = _optimizer(model, stage, cfg)
+        if continuing:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        subset = balanced_subset(data.train_targets, cfg.subset_per_class, derive_seed(cfg.seed, "subset", stage.index))
+        _emit(callbacks, "on_stage_start", {"stage": stage.index, "model": model, "subset_size": len(subset)})
+        for epoch in range(state["epoch"] + 1, stage.epochs):
+            t0 = time.perf_counter()
+            eseed = derive_seed(cfg.seed, "epoch", stage.index, epoch)
+            set_seed(eseed)
+            train_loader = _loader(data.train, cfg.batch_size, True, eseed, cfg, device, subset)
+            val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            event = {"stage": stage.index, "epoch": epoch, "model": model}
+            tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.progress,
+                                   f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
+                                   callbacks, event)
+            scheduler.step()
+            va, va_sim = run_epoch(model, val_loader, device, progress=False)
+            record = {"stage": stage.index, "epoch": epoch, "global_epoch": len(state["history"]),
+                      "num_branches": getattr(model, "num_branches", None),
+                      **{f"lr_{k.replace(' ', '_').replace('+', '_')}": v for k, v in lrs.items()},
+                      **_flatten("train", tr), **_flatten("val", va), "time_s": time.perf_counter() - t0}
+            state["history"].append(record)
+            state["sims"].append({"train": tr_sim, "val": va_sim})
+            score = va[f"acc_{model.main_head}"]
+            if score > state["best_score"]:
+                state.update(best_score=score, best_epoch=epoch)
+                runs.save_checkpoint(run.stage_best(stage.index), _checkpoint(model, cfg, stage, epoch, score))
+            state.update(stage=stage.index, epoch=epoch, elapsed=time.perf_counter() - t_start)
+            runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score),
+                                            "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict(), "state": _plain(state)})
+            runs.write_csv(run.history, state["history"])
+            _write_similarity(run.similarity, state)
+            log.info("stage %d epoch %d: train acc %.4f, val acc %.4f", stage.index, epoch,
+                     tr[f"acc_{model.main_head}"], score)
+            _emit(callbacks, "on_epoch_end", {**event, "record": record})
+        ckpt = None
+
+    return _finish(run, cfg, stages, state, data, device, t_start, callbacks)
+
+
+def _plain(state: dict) -> dict:
+    """The resumable state with numpy arrays as nested lists (``weights_only``-loadable)."""
+    s = dict(state)
+    s["sims"] = [{ph: {k: v.tolist() for k, v in d.items()} for ph, d in e.items()} for e in state["sims"]]
+    return s
+
+
+def _checkpoint(model, cfg, stage, epoch, score) -> dict:
+    return {"model": model.state_dict(), "model_config": model.config, "train_config": cfg.to_dict(),
+            "stage": stage.index, "epoch": epoch, "val_score": score}
+
+
+def _write_similarity(path, state) -> None:
+    """``similarity.npz``: per phase and term, ``(E, L, L)`` epoch-mean matrices (NaN-padded)."""
+    sims = state["sims"]
+    arrays = {"stage": np.array([r["stage"] for r in state["history"]]),
+              "epoch": np.array([r["epoch"] for r in state["history"]]),
+              "num_branches": np.array([r["num_branches"] or 0 for r in state["history"]])}
+    keys = sorted({(ph, k) for e in sims for ph, d in e.items() for k in d})
+    for ph, k in keys:
+        mats = [np.asarray(e[ph][k]) if k in e[ph] else None for e in sims]
+        L = max(m.shape[0] for m in mats if m is not None)
+        stack = np.full((len(mats), L, L), np.nan, dtype=np.float32)
+        for i, m in enumerate(mats):
+            if m is not None:
+                stack[i, :m.shape[0], :m.shape[1]] = m
+        arrays[f"{ph}_S_{k}"] = stack
+    runs.save_npz(path, **arrays)
+
+
+def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
+    last_stage = stages[-1].index
+    best = runs.load_checkpoint(run.stage_best(last_stage))
+    runs.save_checkpoint(run.best, best)
+    model = build_model_from_config(best["model_config"]).to(device)
+    model.load_state_dict(best["model"])
+    metrics: dict[str, Any] = {
+        "selected": {"stage": best["stage"], "epoch": best["epoch"], "val_score": best["val_score"],
+                     "head": model.main_head},
+        "num_parameters": count_parameters(model),
+        "train_time_s": state["elapsed"],
+        "classes": list(data.classes),
+        "test_split": data.describe["roles"].get("test"),
+    }
+    val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
+    metrics["val"], _ = run_epoch(model, val_loader, device)
+    if data.test is not None:
+        test_loader = _loader(data.test, cfg.eval_batch_size, False, 0, cfg, device)
+        test, test_sim = run_epoch(model, test_loader, device)
+        preds = predict(model, test_loader, device)
+        target = preds["target"]
+        main = preds[model.main_head]
+        main_pred = main.argmax(axis=1) if main.ndim == 2 else main
+        metrics["test"] = test
+        metrics["test"]["similarity"] = {k: v.tolist() for k, v in test_sim.items()}
+        metrics["test"]["confusion"] = confusion_matrix(target, main_pred, len(data.classes)).tolist()
+        runs.save_npz(run.predictions, **{k: v.astype(np.float32) if v.dtype.kind == "f" else v
+                                          for k, v in preds.items()})
+    runs.write_json(run.metrics, metrics)
+    if cfg.figures:
+        from . import viz
+        try:
+            viz.run_figures(run.path, model=model, dataset=data.test if data.test is not None else data.val,
+                            device=device)
+        except Exception:  # figures must never cost a finished run its metrics
+            log.exception("figure generation failed for %s", run.path)
+            raise
+    _emit(callbacks, "on_train_end", {"model": model, "metrics": metrics, "run": run.path})
+    log.info("finished %s in %.1f s", run.path, time.perf_counter() - t_start)
+    return run.path

@@ -1,0 +1,45 @@
+"""Seeding and device selection shared by the engine, the CLI and the notebooks."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def derive_seed(*keys) -> int:
+    """A 63-bit seed derived from ``keys`` (e.g. ``(run_seed, "epoch", stage, epoch)``).
+
+    The engine reseeds from ``(seed, stage, epoch)`` at every epoch, so an interrupted and
+    resumed run draws exactly the random numbers an uninterrupted one does.
+    """
+    digest = hashlib.sha256(repr(tuple(keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """PyTorch's deterministic mode (and the cuBLAS workspace setting it needs on CUDA)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    return device

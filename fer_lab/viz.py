@@ -1,0 +1,350 @@
+"""Publication figures: one style, colour-blind-safe palettes, every figure as PDF, SVG and PNG.
+
+Functions take arrays (or a run directory) and return a matplotlib ``Figure``;
+:func:`save_figure` writes it atomically into a run's ``figures/``. Similarity
+heatmaps always use the fixed colour range ``[0, 1]`` so figures are comparable
+across runs; small matrices are annotated with their values. Nothing here trains or
+loads data beyond what a figure needs.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .runs import atomic_write_bytes, load_run
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("pdf", "svg", "png")
+#: colour-blind-safe qualitative palette (seaborn "colorblind", Okabe-Ito-like)
+PALETTE = ["#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC", "#CA9161", "#FBAFE4", "#949494",
+           "#ECE133", "#56B4E9"]
+SEQUENTIAL = "viridis"     # similarity matrices, confusion matrices (perceptually uniform, CVD-safe)
+ATTENTION = "inferno"      # attention overlays
+ENSEMBLE_COLOR = "#000000"
+TERM_LABELS = {"sp": "spatial", "ch": "channel", "b": "branch"}
+
+
+def set_style() -> None:
+    """The house style: small paper fonts, TrueType fonts in PDF (fonttype 42), text kept in SVG."""
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="ticks", palette=PALETTE, font_scale=1.0)
+    plt.rcParams.update({
+        "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
+        "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
+        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": False,
+        "legend.frameon": False, "image.cmap": SEQUENTIAL,
+    })
+
+
+def save_figure(fig, directory, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write ``fig`` as ``<directory>/<name>.<fmt>`` for each format (atomically); returns the paths."""
+    directory = Path(directory)
+    paths = []
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt)
+        paths.append(atomic_write_bytes(directory / f"{name}.{fmt}", buf.getvalue()))
+    return paths
+
+
+def _labels(L: int, prefix: str = "B") -> list[str]:
+    return [f"{prefix}{i + 1}" for i in range(L)]
+
+
+# ---- similarity and determinants ---------------------------------------------------------
+def plot_similarity(S: np.ndarray, ax=None, title: str | None = None, labels: Sequence[str] | None = None,
+                    annotate: bool | None = None, vmin: float = 0.0, vmax: float = 1.0, colorbar: bool = True):
+    """Heatmap of a similarity matrix ``S`` ``(L, L)`` with fixed limits ``[vmin, vmax]``.
+
+    NaN rows/columns (learners absent at that epoch) are dropped. Values are annotated
+    when ``L <= 10`` unless ``annotate`` says otherwise. Returns the axes.
+    """
+    S = np.asarray(S, dtype=float)
+    keep = ~np.all(np.isnan(S), axis=1)
+    S = S[keep][:, keep]
+    L = S.shape[0]
+    labels = list(labels) if labels is not None else _labels(L)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.45 * L + 1.6, 0.45 * L + 1.2))
+    im = ax.imshow(S, vmin=vmin, vmax=vmax, cmap=SEQUENTIAL)
+    ax.set_xticks(range(L), labels[:L], rotation=90 if L > 8 else 0)
+    ax.set_yticks(range(L), labels[:L])
+    ax.tick_params(length=0)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    if annotate if annotate is not None else L <= 10:
+        for i in range(L):
+            for j in range(L):
+                v = S[i, j]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if (v - vmin) / (vmax - vmin + 1e-12) < 0.6 else "black")
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_similarity_epochs(similarity: dict, term: str = "sp", phase: str = "train",
+                           which: Sequence[int] | None = None):
+    """Similarity matrices of ``term`` at chosen epochs (default: first and last), side by side.
+
+    ``similarity`` is a run's ``similarity.npz`` as a dict (arrays ``<phase>_S_<term>``
+    of shape ``(E, L, L)``, plus ``stage``/``epoch``).
+    """
+    key = f"{phase}_S_{term}"
+    if key not in similarity:
+        raise KeyError(f"no {key!r} in the similarity record; available: {sorted(similarity)}")
+    stack = similarity[key]
+    valid = [i for i in range(len(stack)) if np.isfinite(stack[i]).sum() > 1]
+    if not valid:
+        raise ValueError(f"{key}: no epoch has two or more learners")
+    which = list(which) if which is not None else sorted({valid[0], valid[-1]})
+    fig, axes = plt.subplots(1, len(which), figsize=(3.2 * len(which), 3.0), squeeze=False)
+    for ax, e in zip(axes[0], which):
+        st, ep = int(similarity["stage"][e]), int(similarity["epoch"][e])
+        plot_similarity(stack[e], ax=ax, title=f"epoch {e + 1} (stage {st + 1}, ep. {ep + 1})",
+                        colorbar=ax is axes[0][-1])
+    fig.suptitle(f"{TERM_LABELS.get(term, term)} similarity S ({phase})")
+    fig.tight_layout()
+    return fig
+
+
+def _stage_lines(ax, history) -> None:
+    if "stage" not in history:
+        return
+    starts = history.index[history["stage"].diff().fillna(0) != 0]
+    for s in starts:
+        ax.axvline(history.loc[s, "global_epoch"] + 0.5, color="#BBBBBB", lw=0.8, ls=":", zorder=0)
+
+
+def plot_determinant_trends(history, terms: Sequence[str] | None = None, ax=None, phases=("train", "val"),
+                            label_prefix: str = ""):
+    """``D = det(S)`` per epoch for each diversity term (solid train, dashed val), ESR stage
+    boundaries dotted. ``history`` is a run's ``history.csv`` as a DataFrame."""
+    if terms is None:
+        terms = [c.split("_D_")[1] for c in history.columns if c.startswith("train_D_")]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 2.8))
+    x = history["global_epoch"] + 1
+    for i, term in enumerate(terms):
+        for phase, ls in zip(phases, ("-", "--")):
+            col = f"{phase}_D_{term}"
+            if col in history:
+                ax.plot(x, history[col], ls=ls, color=PALETTE[i % len(PALETTE)], marker="o", ms=2.5,
+                        label=f"{label_prefix}{TERM_LABELS.get(term, term)} ({phase})")
+    _stage_lines(ax, history)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("det(S)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_accuracy_curves(history, phase: str = "val", ax=None):
+    """Per-branch (thin, coloured) and ensemble (thick, black) accuracy per epoch."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 2.8))
+    x = history["global_epoch"] + 1
+    branch_cols = sorted((c for c in history.columns if c.startswith(f"{phase}_acc_branch_")),
+                         key=lambda c: int(c.rsplit("_", 1)[1]))
+    for i, col in enumerate(branch_cols):
+        ax.plot(x, history[col], color=PALETTE[i % len(PALETTE)], lw=1, alpha=0.9,
+                label=col.replace(f"{phase}_acc_", "").replace("branch_", "branch "))
+    for head, style in (("ensemble", "-"), ("vote", ":"), ("fused", "-"), ("local", "--"), ("global", "-.")):
+        col = f"{phase}_acc_{head}"
+        if col in history:
+            ax.plot(x, history[col], color=ENSEMBLE_COLOR, lw=2 if style == "-" else 1.2, ls=style, label=head)
+    _stage_lines(ax, history)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{phase} accuracy")
+    ax.legend(fontsize=6, ncol=2)
+    return ax
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], normalize: bool = True, ax=None, title=None):
+    """Confusion matrix (rows: true class); row-normalised by default, counts annotated."""
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    K = len(classes)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * K + 1.8, 0.5 * K + 1.4))
+    im = ax.imshow(shown, vmin=0, vmax=1 if normalize else None, cmap=SEQUENTIAL)
+    ax.set_xticks(range(K), classes, rotation=45, ha="right")
+    ax.set_yticks(range(K), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(K):
+        for j in range(K):
+            ax.text(j, i, f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}", ha="center", va="center",
+                    fontsize=6, color="white" if shown[i, j] < 0.6 * (shown.max() or 1) else "black")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# ---- attention ------------------------------------------------------------------------------
+def upsample(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of ``(..., h, w)`` maps to ``(..., H, W)``."""
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    lead = t.shape[:-2]
+    t = torch.nn.functional.interpolate(t.reshape(-1, 1, *t.shape[-2:]), size=size, mode="bilinear",
+                                        align_corners=False)
+    return t.reshape(*lead, *size).numpy()
+
+
+def _as_display(image: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` or ``(H, W, C)`` float/uint8 image -> ``(H, W, 3)`` float in ``[0, 1]``."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.moveaxis(img, 0, -1)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    img = img.astype(np.float32)
+    if img.max() > 1.5:
+        img = img / 255.0
+    return np.clip(img, 0, 1)
+
+
+def plot_attention_grid(images, attention: np.ndarray, classes: Sequence[str] | None = None,
+                        targets=None, predictions=None, column_labels: Sequence[str] | None = None,
+                        alpha: float = 0.55, shared_scale: bool = True):
+    """Each row one face, each column one learner's spatial attention overlaid on it.
+
+    ``images`` ``(B, C, H, W)``; ``attention`` ``(L, B, h, w)`` (upsampled bilinearly).
+    ``predictions`` ``(L, B)`` class indices are printed per panel; ``targets`` ``(B,)``
+    label the rows. One colour scale for the whole grid (``shared_scale``) so learners
+    are comparable; otherwise each map is min-max scaled.
+    """
+    images = np.asarray(images)
+    att = np.asarray(attention, dtype=np.float32)
+    L, B = att.shape[:2]
+    H, W = _as_display(images[0]).shape[:2]
+    up = upsample(att, (H, W))
+    lo, hi = (np.nanmin(up), np.nanmax(up)) if shared_scale else (None, None)
+    column_labels = list(column_labels) if column_labels is not None else _labels(L, "branch ")
+    fig, axes = plt.subplots(B, L + 1, figsize=(1.25 * (L + 1), 1.3 * B), squeeze=False)
+    for b in range(B):
+        img = _as_display(images[b])
+        axes[b, 0].imshow(img)
+        if targets is not None and classes is not None:
+            axes[b, 0].set_ylabel(classes[int(targets[b])], fontsize=7)
+        for l in range(L):
+            ax = axes[b, l + 1]
+            ax.imshow(img.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
+            m = up[l, b]
+            vmin, vmax = (lo, hi) if shared_scale else (m.min(), m.max())
+            ax.imshow(m, cmap=ATTENTION, alpha=alpha, vmin=vmin, vmax=vmax)
+            if predictions is not None and classes is not None:
+                p = int(predictions[l][b])
+                ok = targets is None or p == int(targets[b])
+                ax.set_title(classes[p], fontsize=6, color="black" if ok else PALETTE[3], pad=2)
+        for ax in axes[b]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+    for l, name in enumerate(["input"] + column_labels):
+        axes[0, l].annotate(name, (0.5, 1.25), xycoords="axes fraction", ha="center", fontsize=7)
+    fig.subplots_adjust(wspace=0.05, hspace=0.35)
+    return fig
+
+
+@torch.no_grad()
+def collect_attention(model, dataset, indices: Sequence[int], device="cpu"):
+    """Run ``model`` (eval mode, restored afterwards) on ``dataset[indices]``.
+
+    Returns ``(images (B, C, H, W), targets (B,), output)`` where ``output`` is the model's
+    output dataclass. Items of a dataset returning masks ``(x, y, masks)`` are accepted.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        items = [dataset[int(i)] for i in indices]
+        x = torch.stack([it[0] for it in items])
+        y = torch.as_tensor([int(it[1]) if not torch.is_tensor(it[1]) or it[1].dim() == 0
+                             else int(it[1].argmax()) for it in items])
+        out = model(x.to(device))
+    finally:
+        model.train(was_training)
+    return x.cpu(), y, out
+
+
+def pick_examples(targets: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """``n`` item indices spread over classes (one per class in turn), reproducibly."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(targets)
+    per = {c: list(rng.permutation(np.flatnonzero(targets == c))) for c in classes}
+    out = []
+    while len(out) < n and any(per.values()):
+        for c in classes:
+            if per[c] and len(out) < n:
+                out.append(int(per[c].pop()))
+    return out
+
+
+# ---- a run's standard figures -----------------------------------------------------------
+def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int = 6) -> list[Path]:
+    """Write a run's standard figures into ``<run>/figures/``:
+
+    accuracy curves (per branch and ensemble), determinant trends, similarity matrices at
+    the first and last epoch, test confusion matrix and, given the trained ``model`` and an
+    evaluation ``dataset``, the per-branch spatial attention on the same faces.
+    """
+    set_style()
+    run = load_run(run_path)
+    out_dir = run.path / "figures"
+    written: list[Path] = []
+    h = run.history
+
+    def emit(fig, name):
+        written.extend(save_figure(fig, out_dir, name))
+        plt.close(fig)
+
+    if len(h):
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.8))
+        plot_accuracy_curves(h, "train", axes[0])
+        plot_accuracy_curves(h, "val", axes[1])
+        fig.tight_layout()
+        emit(fig, "accuracy_curves")
+        if any(c.startswith("train_D_") for c in h.columns):
+            fig, ax = plt.subplots(figsize=(4.6, 3.0))
+            plot_determinant_trends(h, ax=ax)
+            fig.tight_layout()
+            emit(fig, "determinant_trends")
+    for key in sorted(run.similarity):
+        if key.startswith("train_S_"):
+            term = key[len("train_S_"):]
+            try:
+                emit(plot_similarity_epochs(run.similarity, term, "train"), f"similarity_{term}")
+            except ValueError as err:
+                log.info("no similarity figure for %s: %s", term, err)
+    if run.metrics and "test" in run.metrics and "confusion" in run.metrics["test"]:
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+        plot_confusion(np.array(run.metrics["test"]["confusion"]), run.metrics["classes"], ax=ax,
+                       title=f"{run.metrics['selected']['head']} ({run.metrics.get('test_split')})")
+        fig.tight_layout()
+        emit(fig, "confusion_matrix")
+    if model is not None and dataset is not None:
+        base = getattr(dataset, "dataset", dataset)
+        targets = base.targets if not hasattr(dataset, "indices") else base.targets[np.asarray(dataset.indices)]
+        idx = pick_examples(targets, n_images)
+        x, y, out = collect_attention(model, dataset, idx, device)
+        att = getattr(out, "spatial_attention", None)
+        if att is not None:
+            classes = run.config.get("classes")
+            preds = out.branch_logits.argmax(dim=-1).cpu().numpy()
+            emit(plot_attention_grid(x.numpy(), att.cpu().numpy(), classes, y.numpy(), preds),
+                 "attention_maps")
+    return written

@@ -1,0 +1,184 @@
+"""CBAM and ESR: parameter counts from SPEC, shapes, the ensemble rules, the loss, the registry."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fer_lab.diversity import diversity
+from fer_lab.models import (CBAM, ESR, build_model, build_model_from_config, count_parameters, list_models,
+                            resolve_config)
+from fer_lab.models.common import ensemble_from_logits
+from fer_lab.models.esr import MIN_INPUT_SIZE, output_size
+
+
+@pytest.mark.parametrize("channels,expected", [(64, 680), (128, 2284), (256, 8564), (512, 33412)])
+def test_cbam_parameter_count(channels, expected):
+    assert count_parameters(CBAM(channels)) == expected
+    c = channels
+    assert expected == 2 * c * c // 16 + c // 16 + c + 98 + 2
+
+
+def test_cbam_matches_hand_computation():
+    torch.manual_seed(0)
+    cbam = CBAM(32).eval()
+    x = torch.randn(2, 32, 5, 7)
+    y, ca, sa = cbam(x)
+    mlp = cbam.channel_gate.mlp
+    w1, b1, w2, b2 = mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias
+    f = lambda v: F.relu(v @ w1.T + b1) @ w2.T + b2  # noqa: E731
+    ca_ref = torch.sigmoid(f(x.mean((2, 3))) + f(x.amax((2, 3))))
+    xc = x * ca_ref[:, :, None, None]
+    pooled = torch.cat([xc.amax(1, keepdim=True), xc.mean(1, keepdim=True)], 1)
+    bn = cbam.spatial_gate.bn
+    z = F.conv2d(pooled, cbam.spatial_gate.conv.weight, padding=3)
+    z = (z - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+    sa_ref = torch.sigmoid(z * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).squeeze(1)
+    torch.testing.assert_close(ca, ca_ref)
+    torch.testing.assert_close(sa, sa_ref)
+    torch.testing.assert_close(y, xc * sa_ref[:, None])
+    assert ca.shape == (2, 32) and sa.shape == (2, 5, 7)
+    assert cbam.spatial_gate.bn.momentum == 0.01
+
+
+@pytest.mark.parametrize("name,expected", [("esr9", 20_349_384), ("esr9_att", 20_832_332),
+                                           ("esr9_div", 20_832_332), ("esr15_div", 34_465_676),
+                                           ("esr15", 374_784 + 15 * 2_219_400)])
+def test_esr_parameter_counts(name, expected):
+    assert count_parameters(build_model(name)) == expected
+
+
+def test_esr_part_counts():
+    m = build_model("esr9_div")
+    assert count_parameters(m.base) == 382_316
+    assert count_parameters(m.branches[0]) == 2_272_224
+    plain = build_model("esr9")
+    assert count_parameters(plain.base) == 374_784
+    assert count_parameters(plain.branches[0]) == 2_219_400
+
+
+def test_output_sizes():
+    assert output_size(96) == (20, 6)
+    assert MIN_INPUT_SIZE == min(s for s in range(8, 200) if min(output_size(s)) >= 1)
+    with pytest.raises(ValueError, match="input_size"):
+        build_model("esr9", input_size=MIN_INPUT_SIZE - 1)
+
+
+def test_esr_forward_shapes_and_attention():
+    m = build_model("esr9_div", num_branches=3, width=0.25).eval()
+    x = torch.rand(5, 3, 96, 96)
+    out = m(x, return_all_attention=True)
+    assert out.branch_logits.shape == (3, 5, 8)
+    assert out.logits.shape == (5, 8) and out.probs.shape == (5, 8)
+    assert out.spatial_attention.shape == (3, 5, 6, 6)
+    assert out.channel_attention.shape == (3, 5, 128)
+    assert out.features.shape == (3, 5, 128, 6, 6)
+    assert ((out.spatial_attention > 0) & (out.spatial_attention < 1)).all()
+    assert len(out.layer_attention) == 4 + 3 * 4
+    assert out.layer_attention["base.0"][1].shape == (5, 92, 92)
+    torch.testing.assert_close(out.probs, out.branch_logits.softmax(-1).mean(0))
+    torch.testing.assert_close(out.logits.exp(), out.probs)
+    plain = build_model("esr9", num_branches=2, width=0.25)(torch.rand(2, 3, 64, 64))
+    assert plain.spatial_attention is None and plain.branch_logits.shape == (2, 2, 8)
+    gray = build_model("esr9", num_branches=1, width=0.25, in_channels=1)
+    assert gray(torch.rand(2, 1, 96, 96)).logits.shape == (2, 8)
+    with pytest.raises(ValueError, match="expects input"):
+        gray(torch.rand(2, 3, 96, 96))
+
+
+def test_plurality_vote_brute_force():
+    torch.manual_seed(1)
+    K = 4
+    for _ in range(20):
+        logits = torch.randn(5, 16, K)
+        _, _, counts, votes = ensemble_from_logits(logits)
+        preds = logits.argmax(-1)
+        for b in range(16):
+            c = [int((preds[:, b] == k).sum()) for k in range(K)]
+            best = max(c)
+            assert counts[b].tolist() == c
+            assert votes[b].item() == c.index(best)          # ties to the lowest index
+    # an explicit tie: two branches vote 3, two vote 1 -> class 1
+    logits = torch.full((4, 1, K), -5.0)
+    logits[0, 0, 3] = logits[1, 0, 3] = logits[2, 0, 1] = logits[3, 0, 1] = 5.0
+    assert ensemble_from_logits(logits)[3].item() == 1
+
+
+def test_branches_are_registered_modules():
+    m = build_model("esr9_att", num_branches=3, width=0.25)
+    keys = m.state_dict().keys()
+    assert any(k.startswith("branches.2.") for k in keys)
+    m.eval()
+    assert all(not mod.training for mod in m.branches.modules())
+    m.add_branch()
+    assert m.num_branches == 4 and count_parameters(m) == count_parameters(m.base) + 4 * count_parameters(
+        m.branches[0])
+    m.add_branch("copy")
+    for a, b in zip(m.branches[-1].parameters(), m.branches[-2].parameters()):
+        assert torch.equal(a, b) and a is not b
+    with pytest.raises(ValueError, match="init"):
+        m.add_branch("zeros")
+
+
+def test_esr_loss_matches_independent_computation():
+    torch.manual_seed(2)
+    m = build_model("esr9_div", num_branches=3, width=0.25, gamma=0.5)
+    x, y = torch.rand(4, 3, 96, 96), torch.randint(0, 8, (4,))
+    out = m(x)
+    lo = m.loss(out, y)
+    ce = sum(F.cross_entropy(out.branch_logits[l], y) for l in range(3))
+    D_sp, _ = diversity(out.spatial_attention, gamma=0.5)
+    D_ch, _ = diversity(out.channel_attention, gamma=0.5)
+    torch.testing.assert_close(lo.total, ce - D_sp - D_ch)
+    assert set(lo.in_loss) == {"spatial", "channel"}
+    torch.testing.assert_close(lo.ce_total, ce)
+    # soft targets
+    soft = torch.softmax(torch.randn(4, 8), -1)
+    lo_soft = m.loss(out, soft)
+    ce_soft = sum(F.cross_entropy(out.branch_logits[l], soft) for l in range(3))
+    torch.testing.assert_close(lo_soft.ce_total, ce_soft)
+
+
+def test_monitoring_without_diversity_and_single_branch():
+    m = build_model("esr9_att", num_branches=2, width=0.25, gamma=0.5)
+    out = m(torch.rand(3, 3, 96, 96))
+    lo = m.loss(out, torch.tensor([0, 1, 2]))
+    assert lo.in_loss == () and set(lo.diversity) == {"spatial", "channel"}
+    torch.testing.assert_close(lo.total, lo.ce_total)
+    assert not lo.diversity["spatial"].requires_grad
+    one = build_model("esr9_div", num_branches=1, width=0.25)
+    lo1 = one.loss(one(torch.rand(2, 3, 96, 96)), torch.tensor([0, 1]))
+    assert lo1.diversity == {} and torch.equal(lo1.total, lo1.ce_total)
+
+
+def test_feature_diversity_without_attention():
+    m = build_model("esr9", num_branches=2, width=0.25, diversity_terms=["spatial", "channel"])
+    assert m.diversity_source == "features"
+    out = m(torch.rand(2, 3, 96, 96))
+    feats = m.learner_features(out)
+    assert feats["spatial"].shape == (2, 2, 6, 6) and feats["channel"].shape == (2, 2, 128)
+    with pytest.raises(ValueError, match="attention"):
+        build_model("esr9", diversity_terms=["spatial"], diversity_source="attention")
+    with pytest.raises(ValueError, match="branch"):
+        build_model("esr9_att", diversity_terms=["branch"])
+
+
+def test_registry_and_config_roundtrip():
+    assert {"esr9", "esr9_att", "esr9_att_sp", "esr9_div", "esr15", "esr15_att", "esr15_att_sp",
+            "esr15_div"} <= set(list_models())
+    cfg = resolve_config("esr9_div")
+    assert cfg["input_size"] == 96 and cfg["num_classes"] == 8 and cfg["diversity"]["gamma"] == 10.0
+    assert cfg["diversity"]["terms"] == ["spatial", "channel"]
+    assert resolve_config("esr9_att_sp")["diversity"]["terms"] == ["spatial"]
+    assert resolve_config("esr9_div", gamma=3, diagonal="reference")["diversity"]["diagonal"] == "reference"
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("esr7")
+    with pytest.raises(ValueError, match="unknown option"):
+        build_model("esr9", depth=3)
+    torch.manual_seed(3)
+    m = build_model("esr9_div", num_branches=2, width=0.25, gamma=4.0).eval()
+    m.add_branch()
+    clone = build_model_from_config(m.config).eval()
+    clone.load_state_dict(m.state_dict())
+    x = torch.rand(2, 3, 96, 96)
+    torch.testing.assert_close(clone(x).logits, m(x).logits)
+    assert clone.diversity == m.diversity and clone.num_branches == 3
+    assert isinstance(clone, ESR)
