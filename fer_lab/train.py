@@ -524,7 +524,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
 def _plain(state: dict) -> dict:
     """The resumable state with numpy arrays as nested lists (``weights_only``-loadable)."""
     s = dict(state)
-    s["sims"] = [{ph: {k: v.tolist() for k, v in d.items()} for ph, d in e.items()} for e in state["sims"]]
+    s["sims"] = [{ph: {k: np.asarray(v).tolist() for k, v in d.items()} for ph, d in e.items()} for e in state["sims"]]
     return s
 
 

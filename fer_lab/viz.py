@@ -119,6 +119,10 @@ def plot_similarity_epochs(similarity: dict, term: str = "sp", phase: str = "tra
 
 
 def _stage_lines(ax, history) -> None:
+    """Dotted lines at ESR stage boundaries; integer epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if "stage" not in history:
         return
     starts = history.index[history["stage"].diff().fillna(0) != 0]

@@ -1,0 +1,163 @@
+"""The training engine: protocol, run directory, resume equivalence, errors, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fer_lab import runs
+from fer_lab.cli import main as cli_main
+from fer_lab.train import Callback, TrainConfig, confusion_matrix, holdout_split, plan_stages, train
+
+RUN_FILES = ["config.json", "env.json", "dataset.json", "history.csv", "similarity.npz", "metrics.json",
+             "checkpoints/last.pt", "checkpoints/best.pt"]
+
+
+class Interrupt(Callback):
+    """Raise KeyboardInterrupt after global epoch ``after`` (or at a batch inside the next one)."""
+
+    def __init__(self, after: int, mid_epoch: bool = False):
+        self.after, self.mid_epoch, self.seen = after, mid_epoch, 0
+
+    def on_epoch_end(self, event):
+        if not self.mid_epoch and event["record"]["global_epoch"] == self.after:
+            raise KeyboardInterrupt
+        self.seen = event["record"]["global_epoch"] + 1
+
+    def on_batch_end(self, event):
+        if self.mid_epoch and self.seen == self.after + 1 and event["batch"] == 1:
+            raise KeyboardInterrupt
+
+
+def _numbers(run_path):
+    h = pd.read_csv(run_path / "history.csv").drop(columns=["time_s"])
+    m = runs.read_json(run_path / "metrics.json")
+    m.pop("train_time_s")
+    return h, m
+
+
+def test_plan_stages():
+    cfg = TrainConfig(epochs=50, epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01)
+    stages = plan_stages(cfg, "esr_growth", 9)
+    assert len(stages) == 9 and [s.branches for s in stages] == list(range(1, 10))
+    assert stages[0].epochs == 50 and all(s.epochs == 20 for s in stages[1:])
+    assert (stages[0].lr_new, stages[0].lr_old) == (0.1, 0.1) and (stages[3].lr_new, stages[3].lr_old) == (0.1, 0.01)
+    assert len(plan_stages(cfg, "single", 9)) == 1
+
+
+def test_run_directory_and_protocol(tiny_cfg):
+    path = train(tiny_cfg(figures=True))
+    for f in RUN_FILES:
+        assert (path / f).is_file(), f
+    h = pd.read_csv(path / "history.csv")
+    # growth: 2 epochs with 1 branch, then 1 epoch each with 2 and 3 branches
+    assert h["num_branches"].tolist() == [1, 1, 2, 3] and h["stage"].tolist() == [0, 0, 1, 2]
+    assert h.loc[2, "lr_new_branch"] == 0.1 and h.loc[2, "lr_base_old_branches"] == 0.01
+    for col in ("train_acc_ensemble", "val_acc_ensemble", "train_acc_branch_3", "val_D_sp", "train_D_ch",
+                "train_gradnorm_D_sp", "train_gradnorm_ce", "val_ce"):
+        assert col in h, col
+    assert h["train_D_sp"].isna().tolist() == [True, True, False, False]    # one branch: no term
+    sim = np.load(path / "similarity.npz")
+    assert sim["train_S_sp"].shape == (4, 3, 3) and np.isnan(sim["train_S_sp"][2, 2]).all()
+    S = sim["val_S_sp"][3]
+    assert np.allclose(np.diag(S), 1) and np.allclose(S, S.T)
+    m = runs.read_json(path / "metrics.json")
+    assert m["selected"]["stage"] == 2 and m["num_parameters"] > 0
+    cm = np.array(m["test"]["confusion"])
+    assert cm.shape == (8, 8) and cm.sum() == 48
+    assert cm.trace() / 48 == pytest.approx(m["test"]["acc_ensemble"])
+    ds = runs.read_json(path / "dataset.json")
+    assert ds["splits"]["train"]["size"] == 48 and len(ds["splits"]["train"]["fingerprint"]) == 64
+    env = runs.read_json(path / "env.json")
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    best = torch.load(path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["model_config"]["num_branches"] == 3 and best["stage"] == 2
+    model = runs.load_run(path).load_model()
+    assert not model.training and model.num_branches == 3
+    for name in ("accuracy_curves", "determinant_trends", "similarity_sp", "similarity_ch", "confusion_matrix",
+                 "attention_maps"):
+        for ext in ("pdf", "svg", "png"):
+            assert (path / "figures" / f"{name}.{ext}").stat().st_size > 0
+    with pytest.raises(runs.RunExistsError, match="already exists"):
+        train(tiny_cfg())                                  # never overwritten
+
+
+@pytest.mark.parametrize("after,mid", [(1, False), (2, False), (2, True)], ids=["stage-boundary", "mid-stage",
+                                                                                   "mid-epoch"])
+def test_resume_equals_uninterrupted(tiny_cfg, after, mid):
+    ref = train(tiny_cfg(name="ref"))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(name="cut"), callbacks=[Interrupt(after, mid)])
+    assert not (ref.parent / "cut" / "metrics.json").exists()
+    resumed = train(tiny_cfg(name="cut"), resume=True)
+    h_ref, m_ref = _numbers(ref)
+    h_cut, m_cut = _numbers(resumed)
+    pd.testing.assert_frame_equal(h_ref, h_cut)
+    assert m_ref == m_cut
+
+
+def test_resume_checks_config(tiny_cfg):
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(), callbacks=[Interrupt(0)])
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny_cfg(lr=0.2), resume=True)
+    with pytest.raises(FileNotFoundError, match="no run"):
+        train(tiny_cfg(name="nothing-here"), resume=True)
+
+
+def test_single_protocol_and_no_diversity(tiny_cfg):
+    path = train(tiny_cfg(model="esr9", protocol="single", epochs=1, name="single"))
+    h = pd.read_csv(path / "history.csv")
+    assert h["num_branches"].tolist() == [3]
+    assert "train_D_sp" in h and "train_gradnorm_D_sp" not in h     # monitored, not optimised
+    assert h["train_loss"].iloc[0] == pytest.approx(h["train_ce"].iloc[0])
+
+
+def test_bad_configuration_messages(tiny_cfg):
+    with pytest.raises(ValueError, match="epochs=0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="protocol"):
+        TrainConfig(protocol="grow")
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="num_classes"):
+        train(tiny_cfg(model_options=dict(num_branches=2, width=0.25, num_classes=7), name="k7"))
+
+
+def test_holdout_and_confusion():
+    t = np.repeat(np.arange(4), 10)
+    keep, held = holdout_split(t, 0.2, 0)
+    assert len(set(keep) & set(held)) == 0 and len(keep) + len(held) == 40
+    assert np.bincount(t[held]).tolist() == [2, 2, 2, 2]
+    cm = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 2, 1, 2]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    args = ["train", "--model", "esr9_div", "--branches", "2", "--width", "0.25", "--image-size", "64",
+            "--data-option", "num_samples=32", "--epochs", "1", "--epochs-later", "1", "--batch-size", "16",
+            "--subset-per-class", "4", "--output-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c"),
+            "--no-progress", "--no-figures", "--name", "cli", "--gamma", "2", "--diagonal", "reference"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    cfg = json.loads((tmp_path / "runs" / "cli" / "config.json").read_text())
+    assert cfg["model"]["diversity"]["gamma"] == 2.0 and cfg["model"]["diversity"]["diagonal"] == "reference"
+    assert cli_main(args) == 2                                 # exists: clear error, not a traceback
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["train", "--model", "esr7", "--output-dir", str(tmp_path)]) == 2
+    assert "known models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--diversity-terms", "space"])
+    assert "unknown diversity term" in capsys.readouterr().err
+
+
+def test_cli_help_explains_options():
+    out = subprocess.run([sys.executable, "-m", "fer_lab", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for opt in ("--model", "--dataset", "--data-root", "--gamma", "--diagonal", "--epochs-later", "--resume",
+                "--subset-per-class", "--deterministic", "--seed"):
+        assert opt in out
