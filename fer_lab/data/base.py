@@ -97,8 +97,7 @@ class FaceDataset(Dataset, abc.ABC):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = to_chw_uint8(self.load_image(index))
-        if self.transform is not None:
-            image = self.transform(image)
+        image = self.transform(image) if self.transform is not None else image.float().div_(255)
         return image, int(self.targets[index])
 
     def item_ids(self) -> list[str]:
