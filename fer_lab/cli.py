@@ -2,7 +2,7 @@
 
 Commands: ``train`` (any model on any dataset, every option documented in ``--help``),
 ``demo`` (the CPU-sized diversified ESR on synthetic faces that ``make demo`` runs),
-``models`` (the registered variants).
+``models`` (the registered variants), ``data check`` (validate a dataset on disk).
 """
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-old", type=float, default=d.lr_old, help="later stages: base and older branches' lr")
     g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR step size (epochs)")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer,
+                   help="sgd (the papers') or adam (fewer epochs, for CPU-sized studies)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
@@ -138,7 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the registered model variants")
+
+    da = sub.add_parser("data", help="dataset tools (check)")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    ck = dsub.add_parser("check", help="validate a dataset on disk: per-split, per-class counts and every problem",
+                         description="Parse every label row and decode every image of a dataset (writes nothing); "
+                                     "print per-split, per-class counts and every problem found (missing files or "
+                                     "columns, labels out of range with file and line, unreadable images). Exit "
+                                     "status 0 when clean, 1 when problems were found.")
+    ck.add_argument("name", help="dataset name (ferplus, fer2013, rafdb, affectnet, folder)")
+    ck.add_argument("root", help="directory holding the dataset's files")
+    ck.add_argument("--split", action="append", default=None,
+                    help="split to check (repeatable; default: every split present)")
+    ck.add_argument("--label-mode", choices=("majority", "probability", "plurality"),
+                    help="FER+ label mode (default: majority)")
+    ck.add_argument("--label-space", default=None, help="also map labels into this space (e.g. affectnet8)")
+    ck.add_argument("--option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                    help="other dataset option, e.g. layout=source or images=original (repeatable)")
     return parser
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    """``data check``: print the report of :func:`fer_lab.data.check.check_dataset`; 0 if clean, else 1."""
+    from .data.check import check_dataset, format_report
+
+    options = dict(args.option)
+    if args.label_mode is not None:
+        if args.name != "ferplus":
+            raise SystemExit(f"--label-mode applies to ferplus only, not {args.name}")
+        options["label_mode"] = args.label_mode
+    splits = None
+    if args.split:
+        splits = [s.strip() for part in args.split for s in part.split(",") if s.strip()]
+    report = check_dataset(args.name, args.root, splits=splits, label_space=args.label_space, **options)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -166,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         label_space=None if str(args.label_space).lower() == "none" else args.label_space,
         image_size=args.image_size, protocol=args.protocol, epochs=args.epochs, epochs_later=args.epochs_later,
         lr=args.lr, lr_new=args.lr_new, lr_old=args.lr_old, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
-        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, subset_per_class=args.subset_per_class,
         branch_init=args.branch_init, val_fraction=args.val_fraction, train_transform=args.train_transform,
         normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
@@ -228,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             path = run_demo(args.output_dir, progress=not args.no_progress)
             print(_summary(path))
             return 0
+        if args.command == "data":
+            return run_data_check(args)
         if args.command == "train":
             cfg = config_from_args(args)
             path = train(cfg, resume=args.resume)

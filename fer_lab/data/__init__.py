@@ -3,41 +3,91 @@
 Every dataset is a :class:`~fer_lab.data.base.FaceDataset`: uint8 faces, integer
 labels in ``dataset.classes`` order, optional ``label_space`` mapping (e.g.
 ``"affectnet8"``), a transform preset from :mod:`fer_lab.data.transforms`.
+
+Registered datasets and their split names (``train`` / ``val`` / ``test`` everywhere):
+
+===========  ====================================================================
+synthetic    procedural faces, no files (train / val / test)
+ferplus      FER+ votes: FER2013Train/Valid/Test folders or fer2013.csv + fer2013new.csv
+             (train = FER2013Train / Training, val = FER2013Valid / PublicTest,
+             test = FER2013Test / PrivateTest)
+fer2013      fer2013.csv (train = Training, val = PublicTest, test = PrivateTest)
+rafdb        RAF-DB basic (train, test)
+affectnet    AffectNet manual part (train = training.csv, test = validation.csv)
+folder       root/<class>/*.jpg (train) or root/<split>/<class>/*.jpg
+===========  ====================================================================
+
+Bad input raises :class:`DatasetError` (a ``ValueError``) naming the file, line,
+column or expected layout; ``on_error="skip"`` leaves bad items out and lists them in
+``describe()``. ``python -m fer_lab data check <name> <root>`` reports every problem.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from .base import FaceDataset
+from .errors import DatasetError
 from .labels import AFFECTNET7, AFFECTNET8, LABEL_SPACES, label_map
 from .sampling import balanced_subset
 from .transforms import build_transform
 
-__all__ = ["FaceDataset", "AFFECTNET7", "AFFECTNET8", "LABEL_SPACES", "label_map", "balanced_subset",
-           "build_transform", "build_dataset", "register_dataset", "list_datasets", "dataset_splits"]
+__all__ = ["FaceDataset", "DatasetError", "AFFECTNET7", "AFFECTNET8", "LABEL_SPACES", "label_map",
+           "balanced_subset", "build_transform", "build_dataset", "register_dataset", "list_datasets",
+           "dataset_splits", "dataset_entry", "DatasetEntry"]
 
-_DATASETS: dict[str, tuple[Callable[..., FaceDataset], tuple[str, ...], bool]] = {}
+@dataclass(frozen=True)
+class DatasetEntry:
+    """How to build a registered dataset.
+
+    ``splits``: every split it can have; ``available(root, **options)`` (optional) the ones
+    present under a root; ``size_option``: the constructor option that fixes the decoded
+    image size (synthetic renders at ``size``, AffectNet caches crops at ``image_size``),
+    which the training engine sets to the model's input size.
+    """
+
+    builder: Callable[..., FaceDataset]
+    splits: tuple[str, ...]
+    needs_root: bool = True
+    available: Callable[..., tuple[str, ...]] | None = None
+    size_option: str | None = None
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
 
 
 def register_dataset(name: str, builder: Callable[..., FaceDataset], splits: tuple[str, ...],
-                     needs_root: bool = True) -> None:
-    """Register ``builder(root=..., split=..., transform=..., label_space=..., **options)``."""
-    _DATASETS[name] = (builder, tuple(splits), needs_root)
+                     needs_root: bool = True, available: Callable[..., tuple[str, ...]] | None = None,
+                     size_option: str | None = None) -> None:
+    """Register ``builder(root=..., split=..., transform=..., label_space=..., **options)`` (see
+    :class:`DatasetEntry`)."""
+    _DATASETS[name] = DatasetEntry(builder, tuple(splits), needs_root, available, size_option)
 
 
 def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def dataset_splits(name: str) -> tuple[str, ...]:
-    """Split names the dataset ``name`` offers (e.g. ``("train", "val", "test")``)."""
-    return _entry(name)[1]
-
-
-def _entry(name: str):
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registry entry of ``name`` (clear error listing the known names)."""
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
     return _DATASETS[name]
+
+
+def dataset_splits(name: str, root=None, **options) -> tuple[str, ...]:
+    """Split names the dataset ``name`` offers (e.g. ``("train", "val", "test")``).
+
+    With ``root``, only the splits present there (a FER+ copy without ``FER2013Test``
+    gives ``("train", "val")``; a flat image folder gives ``("train",)``); ``options``
+    are the dataset options that affect this (e.g. ``layout``).
+    """
+    entry = dataset_entry(name)
+    if root is None or entry.available is None:
+        return entry.splits
+    keys = ("layout",)
+    return tuple(s for s in entry.available(root, **{k: v for k, v in options.items() if k in keys})
+                 if s in entry.splits)
 
 
 def build_dataset(name: str, root=None, split: str = "train", transform=None, label_space: str | None = None,
@@ -45,22 +95,40 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, la
     """Build split ``split`` of dataset ``name`` (files under ``root`` where the dataset has files).
 
     ``transform`` is applied to each uint8 ``(C, H, W)`` image; ``label_space`` re-expresses
-    labels in a shared class order; other ``options`` go to the dataset's constructor.
+    labels in a shared class order; other ``options`` go to the dataset's constructor
+    (e.g. ``cache``, ``image_size``, ``on_error``, ``label_mode`` for FER+).
     """
-    builder, splits, needs_root = _entry(name)
-    if split not in splits:
-        raise ValueError(f"{name}: unknown split {split!r}; expected one of {splits}")
-    if needs_root and root is None:
+    entry = dataset_entry(name)
+    if split not in entry.splits:
+        raise ValueError(f"{name}: unknown split {split!r}; expected one of {entry.splits}")
+    if entry.needs_root and root is None:
         raise ValueError(f"{name}: a data root is needed (root=...), the directory holding the dataset's files")
     kwargs = dict(split=split, transform=transform, label_space=label_space, **options)
-    if needs_root:
+    if entry.needs_root:
         kwargs["root"] = root
-    return builder(**kwargs)
+    try:
+        return entry.builder(**kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"{name}: {err} (unknown dataset option; see the dataset class's docstring)") from None
+        raise
 
 
-def _synthetic(**kwargs) -> FaceDataset:
-    from .synthetic import SyntheticFaces
-    return SyntheticFaces(**kwargs)
+def _lazy(module: str, attr: str) -> Callable:
+    """A callable importing ``fer_lab.data.<module>.<attr>`` on first use (keeps imports light)."""
+    def call(*args, **kwargs):
+        from importlib import import_module
+        return getattr(import_module(f"{__name__}.{module}"), attr)(*args, **kwargs)
+    return call
 
 
-register_dataset("synthetic", _synthetic, ("train", "val", "test"), needs_root=False)
+register_dataset("synthetic", _lazy("synthetic", "SyntheticFaces"), ("train", "val", "test"), needs_root=False,
+                 size_option="size")
+register_dataset("ferplus", _lazy("ferplus", "FERPlus"), ("train", "val", "test"),
+                 available=_lazy("ferplus", "ferplus_splits"))
+register_dataset("fer2013", _lazy("fer2013", "FER2013"), ("train", "val", "test"))
+register_dataset("rafdb", _lazy("rafdb", "RAFDB"), ("train", "test"))
+register_dataset("affectnet", _lazy("affectnet", "AffectNet"), ("train", "test"),
+                 available=_lazy("affectnet", "affectnet_splits"), size_option="image_size")
+register_dataset("folder", _lazy("folder", "ImageFolder"), ("train", "val", "test"),
+                 available=_lazy("folder", "folder_splits"))
