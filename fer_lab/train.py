@@ -36,7 +36,7 @@ from . import runs
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
 from .models.common import TERM_ABBREV
-from .utils import derive_seed, pick_device, set_deterministic, set_seed
+from .utils import derive_seed, deterministic_mode, pick_device, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class TrainConfig:
     of train, stratified, when the dataset has no validation split).
 
     Execution: ``seed``, ``deterministic`` (PyTorch deterministic mode), ``device``
-    (``auto``/``cpu``/``cuda``), ``num_workers``, ``progress`` (tqdm bars), ``figures``.
+    (``auto``/``cpu``/``cuda``), ``num_workers``, ``channels_last`` (NHWC memory format:
+    same numbers up to float round-off, faster convolutions on CPU and GPU), ``progress``
+    (tqdm bars), ``figures``.
     """
 
     model: str = "esr9_div"
@@ -104,6 +106,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     num_workers: int = 0
+    channels_last: bool = True
     progress: bool = True
     figures: bool = True
 
@@ -324,6 +327,15 @@ def _grad_norms(model, lo) -> dict[str, float]:
     return out
 
 
+def _input(x: torch.Tensor, device, model) -> torch.Tensor:
+    """Batch on ``device`` in the model's memory format (channels-last when its weights are)."""
+    x = x.to(device, non_blocking=True)
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    if w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None):
     """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``."""
     from tqdm.auto import tqdm
@@ -335,7 +347,7 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
     with torch.set_grad_enabled(training):
         bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
+            x = _input(x, device, model)
             y = y.to(device, non_blocking=True)
             out = model(x)
             lo = model.loss(out, y)
@@ -362,7 +374,7 @@ def predict(model, loader, device) -> dict[str, np.ndarray]:
     model.eval()
     acc: dict[str, list] = {}
     for x, y in loader:
-        out = model(x.to(device))
+        out = model(_input(x, device, model))
         for head, score in model.heads(out).items():
             s = score.float().softmax(dim=1) if score.dim() == 2 else score
             acc.setdefault(head, []).append(s.cpu())
@@ -376,6 +388,12 @@ def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int) -> 
 
 
 # ---- the engine ---------------------------------------------------------------------------
+def _place(model, device, cfg: TrainConfig):
+    """Model on ``device``, in channels-last memory format when configured."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
 def _optimizer(model, stage: Stage, cfg: TrainConfig):
     if stage.index == 0 or not hasattr(model, "branches"):
         groups = [{"params": list(model.parameters()), "lr": stage.lr_new, "name": "all"}]
@@ -429,9 +447,14 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     ``resume=True`` continues ``<output_dir>/<name>`` from its last finished epoch; the
     configuration must match the saved one (except progress, device, workers, figures).
     A resumed run ends with the same metrics as an uninterrupted one with the same seed.
+    PyTorch's deterministic mode (``cfg.deterministic``) holds during the call only.
     """
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    callbacks = list(callbacks)
+    with deterministic_mode(cfg.deterministic):
+        return _train(cfg, resume, list(callbacks))
+
+
+def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     if resume:
         run = runs.RunDir.open_existing(cfg.output_dir, cfg.run_name)
         saved = runs.read_json(run.config)["train"]
@@ -444,7 +467,6 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
         run = None
     mcfg, image_size, label_space, protocol = _resolve(cfg)
     device = pick_device(cfg.device)
-    set_deterministic(cfg.deterministic)
     set_seed(derive_seed(cfg.seed, "init"))
 
     data = build_data(cfg, image_size, label_space)
@@ -468,13 +490,13 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
              "elapsed": 0.0}
     ckpt = runs.load_checkpoint(run.last) if resume and run.last.exists() else None
     if ckpt is not None:
-        model = build_model_from_config(ckpt["model_config"]).to(device)
+        model = _place(build_model_from_config(ckpt["model_config"]), device, cfg)
         model.load_state_dict(ckpt["model"])
         state.update(ckpt["state"])
         log.info("resuming %s at stage %d after epoch %d", run.path, state["stage"], state["epoch"])
     else:
         start_cfg = dict(mcfg, num_branches=1) if protocol == "esr_growth" else mcfg
-        model = build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"}).to(device)
+        model = _place(build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"}), device, cfg)
     t_start = time.perf_counter() - state["elapsed"]
 
     for stage in stages[state["stage"]:]:
@@ -482,10 +504,11 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
         if not continuing and stage.index > 0:
             # begin a later ESR stage: best of the previous stage, plus a new branch
             best = runs.load_checkpoint(run.stage_best(stage.index - 1))
-            model = build_model_from_config(best["model_config"]).to(device)
+            model = build_model_from_config(best["model_config"])
             model.load_state_dict(best["model"])
             set_seed(derive_seed(cfg.seed, "branch", stage.index))
             model.add_branch(cfg.branch_init)
+            model = _place(model, device, cfg)
             state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
         optimizer, scheduler = _optimizer(model, stage, cfg)
         if continuing:
@@ -564,8 +587,9 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
     last_stage = stages[-1].index
     best = runs.load_checkpoint(run.stage_best(last_stage))
     runs.save_checkpoint(run.best, best)
-    model = build_model_from_config(best["model_config"]).to(device)
+    model = build_model_from_config(best["model_config"])
     model.load_state_dict(best["model"])
+    model = _place(model, device, cfg)
     metrics: dict[str, Any] = {
         "selected": {"stage": best["stage"], "epoch": best["epoch"], "val_score": best["val_score"],
                      "head": model.main_head},

@@ -1,6 +1,7 @@
 """Seeding and device selection shared by the engine, the CLI and the notebooks."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -33,6 +34,19 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=False)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """Context manager: :func:`set_deterministic` inside, the previous settings restored after."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -393,3 +393,13 @@ def test_attention_on_real_masks_prefers_the_regions():
     uniform = attention_in_regions(torch.ones(4, 6, 6), masks)
     assert (out["lift"] > 1.5).all() and torch.allclose(uniform["lift"], torch.ones(4), atol=1e-5)
     assert (out["area"] > 0.02).all() and (out["area"] < 0.5).all()
+
+
+def test_num_samples_per_split():
+    """A dict gives some splits their own size; the others keep the default; items are unchanged."""
+    val = SyntheticFaces(split="val", size=32, num_samples={"val": 16, "test": 8})
+    train = SyntheticFaces(split="train", size=32, num_samples={"val": 16})
+    assert len(val) == 16 and len(train) == 6000
+    assert np.array_equal(val.load_image(3), SyntheticFaces(split="val", size=32).load_image(3))
+    with pytest.raises(ValueError, match="num_samples"):
+        SyntheticFaces(split="val", num_samples={"validation": 3})

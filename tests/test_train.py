@@ -109,7 +109,8 @@ def test_resume_checks_config(tiny_cfg):
 
 
 def test_single_protocol_and_no_diversity(tiny_cfg):
-    path = train(tiny_cfg(model="esr9", protocol="single", epochs=1, name="single"))
+    path = train(tiny_cfg(model="esr9", protocol="single", epochs=1, name="single", deterministic=True))
+    assert not torch.are_deterministic_algorithms_enabled()       # restored after the call
     h = pd.read_csv(path / "history.csv")
     assert h["num_branches"].tolist() == [3]
     assert "train_D_sp" in h and "train_gradnorm_D_sp" not in h     # monitored, not optimised

@@ -739,8 +739,9 @@ class SyntheticFaces(FaceDataset):
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``; splits never share items.
         size: image side in pixels (16..1024; faces are drawn at this size directly).
-        num_samples: number of items (default 6000 train / 1200 val / 1200 test).
-            Item ``i`` is the same image whatever ``num_samples`` is.
+        num_samples: number of items (default 6000 train / 1200 val / 1200 test), or a
+            dict ``{split: n}`` giving some splits their own size (the others keep the
+            default). Item ``i`` is the same image whatever ``num_samples`` is.
         seed: non-negative int; with ``split`` and the index it fixes every item.
         grayscale: ``load_image`` returns ``(H, W)`` instead of ``(H, W, 3)``.
         transform: applied to the uint8 ``(C, H, W)`` tensor (jointly with the masks
@@ -762,7 +763,7 @@ class SyntheticFaces(FaceDataset):
     name = "synthetic"
     native_classes = AFFECTNET8
 
-    def __init__(self, split: str = "train", size: int = 96, num_samples: int | None = None, seed: int = 0,
+    def __init__(self, split: str = "train", size: int = 96, num_samples: int | dict | None = None, seed: int = 0,
                  grayscale: bool = False, transform: Callable | None = None, label_space: str | None = None,
                  return_masks: bool = False, cache: str | os.PathLike | None = None,
                  occlusion_rate: float = 0.25, difficulty: float = 1.0):
@@ -770,8 +771,13 @@ class SyntheticFaces(FaceDataset):
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
         if not _is_int(size) or not 16 <= size <= 1024:
             raise ValueError(f"size={size!r}: expected an int between 16 and 1024 (pixels)")
+        if isinstance(num_samples, dict):
+            unknown = sorted(set(num_samples) - set(DEFAULT_SIZES))
+            if unknown:
+                raise ValueError(f"num_samples: unknown split(s) {unknown}; expected keys from {tuple(DEFAULT_SIZES)}")
+            num_samples = num_samples.get(split)
         if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
-            raise ValueError(f"num_samples={num_samples!r}: expected None or an int >= 1")
+            raise ValueError(f"num_samples={num_samples!r}: expected None, an int >= 1 or a dict of them per split")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r}: expected a non-negative int")
         if not isinstance(grayscale, bool):

