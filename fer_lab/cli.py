@@ -224,8 +224,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_demo(output_dir: str, progress: bool = True) -> Path:
     """Train the demo configuration (resuming or reusing an existing demo run)."""
-    from . import runs
-
     cfg = TrainConfig(**{**DEMO, "output_dir": output_dir, "progress": progress})
     path = Path(cfg.output_dir) / cfg.run_name
     if (path / "metrics.json").exists():

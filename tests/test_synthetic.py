@@ -56,8 +56,8 @@ def test_cache_matches_on_the_fly_rendering(tmp_path):
     kw = dict(split="val", size=40, num_samples=20, seed=1)
     plain = SyntheticFaces(**kw)
     cached = SyntheticFaces(cache=tmp_path, **kw)
-    files = sorted(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary file left behind
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]  # no temporary file left behind
+    files = sorted(tmp_path.glob("*.npy"))
     arr = np.load(files[0], mmap_mode="r")
     assert arr.shape == (20, 40, 40, 3) and arr.dtype == np.uint8
     for i in (0, 7, 19):

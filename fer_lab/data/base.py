@@ -95,6 +95,17 @@ class FaceDataset(Dataset, abc.ABC):
     def __len__(self) -> int:
         return len(self._native_targets)
 
+    def check_index(self, index) -> int:
+        """``index`` as a non-negative int in range (negative indices count from the end)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return i
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = to_chw_uint8(self.load_image(index))
         image = self.transform(image) if self.transform is not None else image.float().div_(255)

@@ -360,23 +360,13 @@ class RealFaceDataset(FaceDataset):
     def __len__(self) -> int:
         return len(self._index)
 
-    def _item(self, index) -> int:
-        if not _is_int(index):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        return i
-
     def load_image(self, index: int) -> np.ndarray:
         """Item ``index``'s face: uint8 ``(H, W)`` (grayscale datasets) or ``(H, W, 3)``.
 
         From the cache when there is one, else decoded now (a bad file raises
         :class:`DatasetError` naming it).
         """
-        c = int(self._index[self._item(index)])
+        c = int(self._index[self.check_index(index)])
         if self._store is None and self.cache_file is not None:
             self._store = np.load(self.cache_file, mmap_mode="r")  # reopened in a DataLoader worker
         if self._store is not None:
@@ -405,7 +395,7 @@ class RealFaceDataset(FaceDataset):
         """``(image, target)``: ``image`` the transform's output (default float32 ``(C, H, W)``
         in [0, 1]); ``target`` an int class index, or in probability mode a float32 tensor
         ``(K,)`` (the vote distribution in :attr:`classes` order)."""
-        i = self._item(index)
+        i = self.check_index(index)
         image = to_chw_uint8(self.load_image(i))
         image = self.transform(image) if self.transform is not None else image.float().div_(255)
         soft = self.soft_targets

@@ -26,14 +26,10 @@ downloaded or read from disk except the optional cache this module itself writes
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import numbers
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,6 +39,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 
 from .base import FaceDataset, to_chw_uint8
+from .cache import cache_path, open_cache, write_cache
 from .labels import AFFECTNET8
 
 logger = logging.getLogger(__name__)
@@ -807,8 +804,13 @@ class SyntheticFaces(FaceDataset):
         self.cache_path: Path | None = None
         self._images: np.ndarray | None = None
         if cache is not None:
-            self.cache_path = Path(cache) / f"synthetic-{split}-{self.cache_key()[:20]}.npy"
-            self._build_cache()
+            params = self.generation_params()
+            self.cache_path = cache_path(cache, "synthetic", split, params)
+            opened = open_cache(self.cache_path, params, len(self))
+            if opened is None:
+                shape = (len(self), self.size, self.size) + (() if self.grayscale else (3,))
+                opened = write_cache(self.cache_path, params, shape, lambda i: self._render(i, True, False)[1])
+            self._images = opened[0]
 
     # ---- identity ---------------------------------------------------------------------
     def generation_params(self) -> dict[str, Any]:
@@ -816,10 +818,6 @@ class SyntheticFaces(FaceDataset):
         return {"version": RENDER_VERSION, "split": self.split, "size": self.size, "num_samples": len(self),
                 "seed": self.seed, "grayscale": self.grayscale, "occlusion_rate": self.occlusion_rate,
                 "difficulty": self.difficulty}
-
-    def cache_key(self) -> str:
-        """sha256 hex of :meth:`generation_params` (names the cache file)."""
-        return hashlib.sha256(json.dumps(self.generation_params(), sort_keys=True).encode()).hexdigest()
 
     def item_ids(self) -> list[str]:
         q = (f"v{RENDER_VERSION}&size={self.size}&gray={int(self.grayscale)}"
@@ -833,19 +831,9 @@ class SyntheticFaces(FaceDataset):
         return d
 
     # ---- rendering --------------------------------------------------------------------
-    def _check_index(self, index) -> int:
-        if not _is_int(index):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        return i
-
     def params(self, index: int) -> dict[str, Any]:
         """The sampled actions, intensity, identity and nuisances of item ``index`` (JSON-able)."""
-        i = self._check_index(index)
+        i = self.check_index(index)
         return sample_params(self.seed, self.split, i, int(self.native_targets[i]),
                              difficulty=self.difficulty, occlusion_rate=self.occlusion_rate)
 
@@ -865,7 +853,7 @@ class SyntheticFaces(FaceDataset):
         ``params["occluded"]`` gives the fraction of each region hidden by the occluder.
         Masks mark where the regions are, occluded or not.
         """
-        i = self._check_index(index)
+        i = self.check_index(index)
         p, img, m = self._render(i, True, True)
         fr, g = _Frame(self.size, p["pose"]), _Geometry(p)
         p["occluded"] = _occluded_fractions(fr, g, p, m)
@@ -873,11 +861,11 @@ class SyntheticFaces(FaceDataset):
 
     def render_masks(self, index: int) -> np.ndarray:
         """Region masks of item ``index``: uint8 ``(4, H, W)``, 0/1, :data:`REGIONS` order."""
-        return self._render(self._check_index(index), False, True)[2]
+        return self._render(self.check_index(index), False, True)[2]
 
     def load_image(self, index: int) -> np.ndarray:
         """Item ``index`` as uint8 ``(H, W)`` (grayscale) or ``(H, W, 3)`` (RGB), from the cache if any."""
-        i = self._check_index(index)
+        i = self.check_index(index)
         if self.cache_path is not None:
             return np.array(self._cached()[i])
         return self._render(i, True, False)[1]
@@ -889,7 +877,7 @@ class SyntheticFaces(FaceDataset):
         ``masks`` a uint8 ``tv_tensors.Mask`` ``(4, H, W)``; with one, both are what
         ``transform(image)`` / ``transform(image, masks)`` return for the uint8 ``(C, H, W)`` image.
         """
-        i = self._check_index(index)
+        i = self.check_index(index)
         label = int(self.targets[i])
         if self.return_masks and self.cache_path is None:
             _, img, m = self._render(i, True, True)
@@ -912,36 +900,6 @@ class SyntheticFaces(FaceDataset):
         if self._images is None:
             self._images = np.load(self.cache_path, mmap_mode="r")
         return self._images
-
-    def _build_cache(self) -> None:
-        path = self.cache_path
-        shape = (len(self), self.size, self.size) + (() if self.grayscale else (3,))
-        if path.exists():
-            try:
-                arr = np.load(path, mmap_mode="r")
-                if arr.shape == shape and arr.dtype == np.uint8:
-                    return
-            except (ValueError, OSError):
-                pass
-            logger.warning("synthetic cache %s is unreadable or has the wrong shape; rebuilding", path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        t0 = time.perf_counter()
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            for i in range(len(self)):
-                out[i] = self._render(i, True, False)[1]
-            out.flush()
-            del out
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        logger.info("rendered %d synthetic %s images (%d px) into %s in %.1f s", len(self), self.split,
-                    self.size, path, time.perf_counter() - t0)
 
     def __getstate__(self):
         state = self.__dict__.copy()
