@@ -222,6 +222,25 @@ class Run:
         return model.to(map_location).eval()
 
 
+    def eval_dataset(self, split: str = "test", **options):
+        """The run's dataset split with the evaluation transform (same dataset, root, options and
+        label space as in training; ``options`` add or override dataset options, e.g.
+        ``return_masks=True`` for synthetic faces)."""
+        from .data import build_dataset, build_transform
+
+        train = self.config["train"]
+        opts = dict(train.get("data_options") or {})
+        size = self.config["image_size"]
+        if train["dataset"] == "synthetic":
+            opts.setdefault("size", size)
+        if train.get("cache_dir"):
+            opts.setdefault("cache", train["cache_dir"])
+        opts.update(options)
+        tf = build_transform("eval", size, normalize=train.get("normalize"))
+        return build_dataset(train["dataset"], root=train.get("data_root"), split=split, transform=tf,
+                             label_space=self.config.get("label_space"), **opts)
+
+
 def load_run(path) -> Run:
     """Read a run directory (finished or interrupted) into a :class:`Run`."""
     import pandas as pd

@@ -196,6 +196,82 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], normalize: bool = Tru
     return ax
 
 
+def plot_det_vs_distance(L_values=(2, 3, 5, 9), gammas=(1.0, 10.0, 100.0), max_sq_dist: float = 1.0,
+                         diagonal: str = "paper"):
+    """How ``det(S)`` responds to learner similarity, gamma and L (equidistant toy learners).
+
+    One panel per gamma; x: squared distance between every pair of learners; one line per L.
+    Values come from :func:`fer_lab.diversity.diversity` (via :func:`fer_lab.toy.det_sweep`).
+    """
+    from .toy import det_sweep
+
+    d2 = np.linspace(0.0, max_sq_dist, 121)
+    fig, axes = plt.subplots(1, len(gammas), figsize=(3.0 * len(gammas), 2.6), sharey=True, squeeze=False)
+    for ax, g in zip(axes[0], gammas):
+        D = det_sweep(L_values, d2, g, diagonal)
+        for i, L in enumerate(L_values):
+            ax.plot(d2, D[i], color=PALETTE[i % len(PALETTE)], label=f"L = {L}")
+        ax.set_title(f"gamma = {g:g}")
+        ax.set_xlabel(r"pairwise $\|f_l - f_k\|^2$")
+    axes[0][0].set_ylabel(f"det(S) ({diagonal} diagonal)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_diagonal_conventions(L_max: int = 10, s: float = 0.5, gamma: float = 10.0):
+    """The paper's unit diagonal against the public code's zero diagonal.
+
+    Left: ``det(S)`` against L with every off-diagonal entry ``s`` (markers: the package's
+    numbers; lines: closed forms). Right: what maximising ``D`` does - push the learners apart
+    (+1, rewards diversity) or pull them together (-1, rewards similarity), from the sign of
+    ``dD / d(distance)``; with the zero diagonal it flips with the parity of L.
+    """
+    from .toy import closed_form_det, det_sweep, diversity_direction
+
+    Ls = np.arange(2, L_max + 1)
+    d2 = -np.log(s) / gamma
+    fig, axes = plt.subplots(1, 2, figsize=(7.4, 2.8))
+    for diag, color, marker, shift in (("paper", PALETTE[0], "o", -0.2), ("reference", PALETTE[3], "s", 0.2)):
+        D = det_sweep(Ls, [d2], gamma, diag)[:, 0]
+        axes[0].plot(Ls, [closed_form_det(int(L), s, diag) for L in Ls], color=color, lw=1)
+        axes[0].scatter(Ls, D, color=color, marker=marker, s=14, label=f"{diag} diagonal", zorder=3)
+        direction = [np.sign(diversity_direction(int(L), d2, gamma, diag)) for L in Ls]
+        axes[1].bar(Ls + shift, direction, width=0.4, color=color, label=f"{diag} diagonal")
+    axes[0].axhline(0, color="#999999", lw=0.6)
+    axes[0].set_xlabel("learners L")
+    axes[0].set_ylabel(f"det(S), off-diagonal s = {s:g}")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xlabel("learners L")
+    axes[1].set_ylabel("maximising D ...")
+    axes[1].set_yticks([-1, 0, 1], ["pulls learners together", "", "pushes learners apart"])
+    axes[1].axhline(0, color="#999999", lw=0.6)
+    for ax in axes:
+        ax.set_xticks(Ls)
+    fig.tight_layout()
+    return fig
+
+
+def plot_determinant_trends_many(histories: dict, term: str = "sp", phase: str = "val", ax=None):
+    """``D`` of one term per epoch for many runs in one figure: ``histories`` maps a label
+    (e.g. ``"esr9_div s0"``) to a run's history DataFrame. Runs sharing the label's first
+    word share a colour."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.0, 3.0))
+    groups = list(dict.fromkeys(label.split()[0] for label in histories))
+    for label, h in histories.items():
+        col = f"{phase}_D_{term}"
+        if col not in h:
+            continue
+        color = PALETTE[groups.index(label.split()[0]) % len(PALETTE)]
+        ax.plot(h["global_epoch"] + 1, h[col], color=color, lw=1, alpha=0.85, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"det(S), {TERM_LABELS.get(term, term)} ({phase})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    return ax
+
+
 # ---- attention ------------------------------------------------------------------------------
 def upsample(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of ``(..., h, w)`` maps to ``(..., H, W)``."""
@@ -221,23 +297,28 @@ def _as_display(image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def plot_attention_grid(images, attention: np.ndarray, classes: Sequence[str] | None = None,
-                        targets=None, predictions=None, column_labels: Sequence[str] | None = None,
-                        alpha: float = 0.55, shared_scale: bool = True):
-    """Each row one face, each column one learner's spatial attention overlaid on it.
+def plot_map_grid(images, maps, classes: Sequence[str] | None = None, targets=None, predictions=None,
+                  column_labels: Sequence[str] | None = None, alpha: float = 0.55, shared_scale: bool = True,
+                  cmap: str = ATTENTION):
+    """Each row one face, each column one map (a learner's attention or Grad-CAM) overlaid on it.
 
-    ``images`` ``(B, C, H, W)``; ``attention`` ``(L, B, h, w)`` (upsampled bilinearly).
-    ``predictions`` ``(L, B)`` class indices are printed per panel; ``targets`` ``(B,)``
-    label the rows. One colour scale for the whole grid (``shared_scale``) so learners
-    are comparable; otherwise each map is min-max scaled.
+    ``images`` ``(B, C, H, W)``; ``maps`` either ``(L, B, h, w)`` (columns ``branch 1..L``) or
+    a dict ``{column label: (B, h, w)}`` (e.g. two runs side by side); maps are upsampled
+    bilinearly. ``predictions`` ``(L, B)`` class indices (one row per column) are printed per
+    panel, red when wrong; ``targets`` ``(B,)`` label the rows. One colour scale for the
+    whole grid (``shared_scale``) so learners are comparable; otherwise each map is min-max scaled.
     """
     images = np.asarray(images)
-    att = np.asarray(attention, dtype=np.float32)
+    if isinstance(maps, dict):
+        column_labels = list(maps) if column_labels is None else list(column_labels)
+        att = np.stack([np.asarray(v, dtype=np.float32) for v in maps.values()])
+    else:
+        att = np.asarray(maps, dtype=np.float32)
+        column_labels = list(column_labels) if column_labels is not None else _labels(att.shape[0], "branch ")
     L, B = att.shape[:2]
     H, W = _as_display(images[0]).shape[:2]
     up = upsample(att, (H, W))
     lo, hi = (np.nanmin(up), np.nanmax(up)) if shared_scale else (None, None)
-    column_labels = list(column_labels) if column_labels is not None else _labels(L, "branch ")
     fig, axes = plt.subplots(B, L + 1, figsize=(1.25 * (L + 1), 1.3 * B), squeeze=False)
     for b in range(B):
         img = _as_display(images[b])
@@ -249,7 +330,7 @@ def plot_attention_grid(images, attention: np.ndarray, classes: Sequence[str] | 
             ax.imshow(img.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
             m = up[l, b]
             vmin, vmax = (lo, hi) if shared_scale else (m.min(), m.max())
-            ax.imshow(m, cmap=ATTENTION, alpha=alpha, vmin=vmin, vmax=vmax)
+            ax.imshow(m, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
             if predictions is not None and classes is not None:
                 p = int(predictions[l][b])
                 ok = targets is None or p == int(targets[b])
@@ -263,6 +344,27 @@ def plot_attention_grid(images, attention: np.ndarray, classes: Sequence[str] | 
         axes[0, l].annotate(name, (0.5, 1.25), xycoords="axes fraction", ha="center", fontsize=7)
     fig.subplots_adjust(wspace=0.05, hspace=0.35)
     return fig
+
+
+def plot_channel_attention(channel_attention, labels: Sequence[str] | None = None, ax=None, sort: bool = True):
+    """Channel attention of each learner as a heatmap (rows: learners, columns: channels).
+
+    ``channel_attention`` ``(L, B, C)`` (averaged over the batch) or ``(L, C)``; channels are
+    ordered by the first learner's attention (``sort``) so differences between learners show.
+    """
+    ca = np.asarray(channel_attention, dtype=np.float32)
+    if ca.ndim == 3:
+        ca = ca.mean(axis=1)
+    if sort:
+        ca = ca[:, np.argsort(-ca[0])]
+    labels = list(labels) if labels is not None else _labels(ca.shape[0], "branch ")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.0, 0.35 * ca.shape[0] + 1.0))
+    im = ax.imshow(ca, aspect="auto", vmin=0, vmax=1, cmap=SEQUENTIAL, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("channel" + (" (sorted by the first learner)" if sort else ""))
+    ax.figure.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    return ax
 
 
 @torch.no_grad()
@@ -349,6 +451,5 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
         if att is not None:
             classes = run.config.get("classes")
             preds = out.branch_logits.argmax(dim=-1).cpu().numpy()
-            emit(plot_attention_grid(x.numpy(), att.cpu().numpy(), classes, y.numpy(), preds),
-                 "attention_maps")
+            emit(plot_map_grid(x.numpy(), att.cpu().numpy(), classes, y.numpy(), preds), "attention_maps")
     return written

@@ -66,6 +66,7 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(cin, cout, kernel, padding=padding)
         self.bn = nn.BatchNorm2d(cout)
         self.cbam = CBAM(cout) if attention else None
+        self.out = nn.Identity()   # the block's feature map before pooling: a hook point (Grad-CAM)
         self.pool = nn.MaxPool2d(2, 2) if pool else None
 
     def forward(self, x: torch.Tensor):
@@ -74,6 +75,7 @@ class ConvBlock(nn.Module):
         if self.cbam is not None:
             x, ca, sa = self.cbam(x)
             att = (ca, sa)
+        x = self.out(x)
         if self.pool is not None:
             x = self.pool(x)
         return x, att
@@ -280,6 +282,13 @@ class ESR(nn.Module):
         ce = multi_head_ce(out.branch_logits, target)
         return diversity_loss(self.learner_features(out), self.diversity, ("spatial", "channel"),
                               ce.sum(), {f"branch_{l + 1}": c for l, c in enumerate(ce)})
+
+    def cam_layers(self) -> dict[str, nn.Module]:
+        """Layers whose output Grad-CAM reads, per learner: ``base`` (shared, for the ensemble)
+        and ``branch_<l>`` (each branch's last block, after its CBAM)."""
+        layers = {"base": self.base.blocks[-1].out}
+        layers.update({f"branch_{l + 1}": b.convs.blocks[-1].out for l, b in enumerate(self.branches)})
+        return layers
 
     def heads(self, out: ESROutput) -> dict[str, torch.Tensor]:
         """Per-head scores for accuracy: ``ensemble`` (log mean softmax), ``vote`` (class

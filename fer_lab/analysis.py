@@ -1,0 +1,100 @@
+"""Where do the learners look? Attention and Grad-CAM maps per learner, scored against face regions.
+
+Helpers behind ``notebooks/04_attention_explorer.ipynb``: pick a CBAM layer's spatial
+attention for every branch, compute Grad-CAM per branch, and measure how much of each
+map falls inside the synthetic faces' expression regions
+(:func:`fer_lab.data.synthetic.attention_in_regions`). Returns arrays and DataFrames;
+plotting is :mod:`fer_lab.viz`'s job.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cam import grad_cam
+
+
+def attention_layers(out) -> list[str]:
+    """Layer choices for :func:`spatial_attention`: ``"last"``, then ``"block<j>"`` (branch block
+    j of every branch) and ``"base.<j>"`` (shared base blocks), from an output computed with
+    ``return_all_attention=True``."""
+    keys = list(out.layer_attention)
+    blocks = sorted({int(k.split(".")[1]) for k in keys if k.startswith("branch")})
+    return ["last"] + [f"block{j}" for j in blocks] + [k for k in keys if k.startswith("base.")]
+
+
+def spatial_attention(out, layer: str = "last") -> tuple[np.ndarray, list[str]]:
+    """Spatial attention maps ``(columns, B, h, w)`` and column labels for ``layer``.
+
+    ``"last"``: each branch's last CBAM (what ESR diversifies); ``"block<j>"``: every branch's
+    j-th block; ``"base.<j>"``: the shared base's j-th block (one column).
+    """
+    if layer == "last":
+        maps = out.spatial_attention
+        return maps.detach().cpu().numpy(), [f"branch {l + 1}" for l in range(maps.shape[0])]
+    if layer.startswith("block"):
+        j = int(layer[5:])
+        keys = sorted((k for k in out.layer_attention if k.startswith("branch") and k.endswith(f".{j}")),
+                      key=lambda k: int(k[6:].split(".")[0]))
+        return (torch.stack([out.layer_attention[k][1] for k in keys]).detach().cpu().numpy(),
+                [f"branch {int(k[6:].split('.')[0]) + 1}" for k in keys])
+    if layer in out.layer_attention:
+        return out.layer_attention[layer][1][None].detach().cpu().numpy(), [layer]
+    raise KeyError(f"unknown attention layer {layer!r}; choices: {attention_layers(out)}")
+
+
+@torch.no_grad()
+def _batch(dataset, indices):
+    items = [dataset[int(i)] for i in indices]
+    x = torch.stack([it[0] for it in items])
+    y = torch.as_tensor([int(it[1]) for it in items])
+    masks = torch.stack([torch.as_tensor(it[2]) for it in items]) if len(items[0]) > 2 else None
+    return x, y, masks
+
+
+def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, with_grad_cam: bool = True):
+    """Share of each learner's attention inside the expression regions, averaged over ``indices``.
+
+    ``dataset`` must return region masks (synthetic faces with ``return_masks=True``). Rows:
+    one per learner and map kind (``spatial attention`` of the last CBAM, ``Grad-CAM``);
+    columns ``inside`` (share of mass in the union of eyes, brows, mouth and nose), ``area``
+    (their area share: what uniform attention scores), ``lift`` (= inside / area) and one share
+    per region. Returns a pandas DataFrame.
+    """
+    import pandas as pd
+
+    from .data.synthetic import REGIONS, attention_in_regions
+
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    acc: dict[tuple[str, str], list[dict]] = {}
+    try:
+        for start in range(0, len(indices), batch_size):
+            x, y, masks = _batch(dataset, indices[start:start + batch_size])
+            if masks is None:
+                raise ValueError("region_scores needs a dataset that returns region masks (synthetic faces "
+                                 "with return_masks=True)")
+            out = model(x.to(device))
+            maps = {f"branch_{l + 1}": out.spatial_attention[l] for l in range(out.spatial_attention.shape[0])} \
+                if getattr(out, "spatial_attention", None) is not None else {}
+            kinds = [("spatial attention", maps)]
+            if with_grad_cam:
+                cams = {h: torch.from_numpy(grad_cam(model, x, h)) for h in maps}
+                kinds.append(("Grad-CAM", cams))
+            for kind, per in kinds:
+                for learner, m in per.items():
+                    r = attention_in_regions(m.float().cpu(), masks.float())
+                    acc.setdefault((learner, kind), []).append({k: v.mean().item() * len(x) for k, v in r.items()})
+    finally:
+        model.train(was)
+    rows = []
+    for (learner, kind), parts in acc.items():
+        n = len(indices)
+        row = {"learner": learner, "map": kind}
+        for key in ["inside", "area", "lift", *REGIONS]:
+            row[key] = sum(p[key] for p in parts) / n
+        rows.append(row)
+    return pd.DataFrame(rows)

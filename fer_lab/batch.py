@@ -1,0 +1,262 @@
+"""Papermill batches: a grid of notebook runs with a summary, skip-on-restart and failure records.
+
+A sweep file (YAML) names a notebook, a ``fixed`` part and a ``grid`` (the product of
+parameter lists); every grid point runs the notebook with papermill into
+``<output_dir>/<name>/<run>/`` (the executed ``notebook.ipynb`` beside the run directory's
+files), and ``<output_dir>/<name>/summary.csv`` is rewritten as runs finish. Runs that
+finished are skipped when the batch is started again; a failed run is recorded with its
+error and the batch goes on (a restart retries it, and the training notebooks resume from
+their last checkpoint). Each run is a separate ``papermill`` process on the ``fer_lab``
+kernel, so ``--jobs N`` runs N at once safely.
+
+Sweep file::
+
+    name: table1-esr-synthetic
+    notebook: 02_train_esr.ipynb        # relative to the sweep file, then to notebooks/
+    output_dir: ../../outputs/batches   # relative to the sweep file (default: outputs/batches)
+    timeout: 3600                       # per-cell execution timeout in seconds
+    run_name: "{model}-s{seed}"         # optional; default: the grid values joined
+    required: [data_root]               # optional; parameters that must be given (--set)
+    fixed: {dataset: synthetic, epochs: 2}
+    grid: {model: [esr9, esr9_div], seed: [0, 1, 2]}
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .runs import read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+KERNEL = "fer_lab"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+STATUS_FILE = "batch_status.json"
+_SWEEP_KEYS = {"name", "notebook", "output_dir", "timeout", "run_name", "fixed", "grid", "kernel", "required"}
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file (see the module docstring)."""
+
+    name: str
+    notebook: Path
+    output_dir: Path
+    fixed: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    timeout: int = 3600
+    run_name: str | None = None
+    kernel: str = KERNEL
+    required: list = field(default_factory=list)
+
+    def check_required(self) -> None:
+        """Every ``required`` parameter must have a value (in fixed, e.g. via ``--set``, or grid)."""
+        missing = [k for k in self.required if self.fixed.get(k) is None and k not in self.grid]
+        if missing:
+            raise ValueError(f"sweep {self.name}: parameter(s) {missing} must be set, e.g. "
+                             + " ".join(f"--set {k}=..." for k in missing))
+
+    def points(self) -> list[tuple[str, dict]]:
+        """``(run name, parameters)`` of every grid point, in grid order."""
+        keys = list(self.grid)
+        out, seen = [], set()
+        for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
+            point = dict(zip(keys, values))
+            params = {**self.fixed, **point}
+            if self.run_name:
+                try:
+                    name = self.run_name.format(**params)
+                except KeyError as err:
+                    raise ValueError(f"sweep {self.name}: run_name {self.run_name!r} uses {err}, which is neither "
+                                     f"in fixed nor in grid") from None
+            else:
+                name = "-".join(f"{k}={v}" for k, v in point.items()) or "run"
+            name = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name)
+            if name in seen:
+                raise ValueError(f"sweep {self.name}: two grid points get the run name {name!r}; "
+                                 "make run_name include every grid key")
+            seen.add(name)
+            out.append((name, params))
+        return out
+
+    @property
+    def directory(self) -> Path:
+        return self.output_dir / self.name
+
+
+def load_sweep(path) -> Sweep:
+    """Parse and validate a sweep YAML file (errors name the file and the key)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {sorted(_SWEEP_KEYS)}")
+    unknown = sorted(set(data) - _SWEEP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(_SWEEP_KEYS)}")
+    for key in ("name", "notebook"):
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r}")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{path}: 'grid' must map parameter names to non-empty lists")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ValueError(f"{path}: 'fixed' must be a mapping of parameter names to values")
+    clash = sorted(set(grid) & set(fixed))
+    if clash:
+        raise ValueError(f"{path}: {clash} appear both in 'fixed' and in 'grid'")
+    nb = Path(data["notebook"])
+    candidates = [nb] if nb.is_absolute() else [path.parent / nb, NOTEBOOKS_DIR / nb]
+    notebook = next((c.resolve() for c in candidates if c.is_file()), None)
+    if notebook is None:
+        raise FileNotFoundError(f"{path}: notebook {data['notebook']!r} not found (looked in "
+                                f"{', '.join(str(c) for c in candidates)})")
+    out = Path(data.get("output_dir", Path.cwd() / "outputs" / "batches"))
+    out = out if out.is_absolute() else (path.parent / out)
+    timeout = data.get("timeout", 3600)
+    if not isinstance(timeout, int) or timeout < 1:
+        raise ValueError(f"{path}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+    return Sweep(name=str(data["name"]), notebook=notebook, output_dir=out.resolve(), fixed=fixed, grid=grid,
+                 timeout=timeout, run_name=data.get("run_name"), kernel=data.get("kernel", KERNEL),
+                 required=list(data.get("required") or []))
+
+
+def check_kernel(name: str = KERNEL) -> None:
+    """Raise a clear error when the Jupyter kernel ``name`` is not installed."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if name not in KernelSpecManager().find_kernel_specs():
+        raise RuntimeError(f"Jupyter kernel {name!r} is not installed; `make venv` installs it, or run "
+                           f"`python -m ipykernel install --sys-prefix --name {name}`")
+
+
+def execute(notebook: Path, output: Path, parameters: dict, kernel: str = KERNEL, timeout: int = 3600,
+            cwd: Path | None = None, threads: int | None = None, stream: bool = False) -> tuple[bool, str, float]:
+    """Run ``notebook`` with papermill in a subprocess; returns ``(ok, error, seconds)``.
+
+    ``error`` is the notebook's exception (``ValueError: ...``) or the tail of papermill's
+    output. ``threads`` caps the kernel's OpenMP/torch threads (for parallel jobs);
+    ``stream`` shows papermill's progress and the cells' output on this terminal instead
+    of capturing them (then ``error`` only points to the executed notebook).
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    params_file = output.parent / ".papermill_parameters.json"
+    write_json(params_file, parameters)
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", str(params_file), "-k", kernel,
+           "--execution-timeout", str(timeout), "--cwd", str(cwd or notebook.parent)]
+    cmd += ["--log-output"] if stream else ["--no-progress-bar"]
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=not stream, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode == 0:
+        return True, "", seconds
+    return False, _error_of((proc.stderr or "") + (proc.stdout or "")), seconds
+
+
+def _error_of(text: str) -> str:
+    """The notebook's exception line from papermill's output, else its last lines."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(("papermill.exceptions", "Exception encountered")):
+            continue
+        if any(ln.startswith(p) for p in ("ValueError", "KeyError", "RuntimeError", "FileNotFoundError",
+                                          "TypeError", "FileExistsError", "AssertionError", "DatasetError",
+                                          "FloatingPointError", "IndexError", "NameError", "ImportError",
+                                          "ModuleNotFoundError", "AttributeError", "KeyboardInterrupt",
+                                          "TimeoutError", "nbclient.exceptions", "CellTimeoutError")):
+            return ln[:2000]
+    return " | ".join(lines[-5:])[:2000]
+
+
+def _status(run_dir: Path) -> dict | None:
+    f = run_dir / STATUS_FILE
+    return read_json(f) if f.is_file() else None
+
+
+def _summary_row(name: str, params: dict, run_dir: Path) -> dict:
+    row = {"run": name, **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()}}
+    st = _status(run_dir) or {"status": "pending"}
+    row.update(status=st["status"], seconds=st.get("seconds"), error=st.get("error", ""))
+    if (run_dir / "metrics.json").is_file():
+        m = read_json(run_dir / "metrics.json")
+        head = m["selected"]["head"]
+        row.update(head=head, val_acc=m["selected"]["val_score"],
+                   test_acc=m.get("test", {}).get(f"acc_{head}"))
+        row.update({f"test_{k}": v for k, v in m.get("test", {}).items() if k.startswith("D_")})
+    return row
+
+
+def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: bool = True) -> Path:
+    """Execute every pending grid point of ``sweep``; returns the summary CSV's path.
+
+    Finished runs (status ``done``) are skipped; failed ones are retried unless
+    ``retry_failed=False``. ``summary.csv`` lists every grid point with its status,
+    parameters, time, error and, for training notebooks, the selected head's accuracy.
+    """
+    sweep = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: expected an int >= 1")
+    sweep.check_required()
+    check_kernel(sweep.kernel)
+    points = sweep.points()
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    write_json(sweep.directory / "sweep.json", {"name": sweep.name, "notebook": str(sweep.notebook),
+                                               "fixed": sweep.fixed, "grid": sweep.grid, "timeout": sweep.timeout,
+                                               "runs": [n for n, _ in points]})
+    summary = sweep.directory / "summary.csv"
+    lock = threading.Lock()
+
+    def write_summary():
+        with lock:
+            write_csv(summary, [_summary_row(n, p, sweep.directory / n) for n, p in points])
+
+    def one(item):
+        name, params = item
+        run_dir = sweep.directory / name
+        st = _status(run_dir)
+        if st and (st["status"] == "done" or (st["status"] == "failed" and not retry_failed)):
+            log.info("batch %s: %s already %s, skipped", sweep.name, name, st["status"])
+            return
+        injected = {**params, "output_dir": str(sweep.directory), "run_name": name, "progress": False}
+        write_json(run_dir / STATUS_FILE, {"status": "running", "parameters": injected})
+        ok, error, seconds = execute(sweep.notebook, run_dir / "notebook.ipynb", injected, sweep.kernel,
+                                     sweep.timeout, threads=max(1, (os.cpu_count() or 1) // jobs))
+        write_json(run_dir / STATUS_FILE, {"status": "done" if ok else "failed", "parameters": injected,
+                                           "seconds": round(seconds, 1), "error": error})
+        if not ok:
+            log.warning("batch %s: %s failed: %s", sweep.name, name, error)
+        write_summary()
+
+    write_summary()
+    if jobs == 1:
+        for item in points:
+            one(item)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(one, points))
+    write_summary()
+    return summary
+
+
+def batch_table(directory) -> Any:
+    """The batch's ``summary.csv`` as a DataFrame."""
+    import pandas as pd
+
+    return pd.read_csv(Path(directory) / "summary.csv")

@@ -1,0 +1,144 @@
+"""Every notebook runs headless under papermill with tiny parameters; the batch runner keeps its promises.
+
+Results are read back from the files the notebooks write (run directories, results JSON),
+not scraped from cell output.
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fer_lab.batch import NOTEBOOKS_DIR, execute, load_sweep, run_batch
+from fer_lab.cli import DEMO
+
+# a 2-branch quarter-width ESR* on 64 px synthetic faces, one epoch per stage
+TINY = dict(branches=2, image_size=64, epochs=1, epochs_later=1, subset_per_class=4, batch_size=16,
+            data_options={"num_samples": 32}, n_attention_images=3, progress=False)
+
+
+def run_nb(name, out_dir, **params):
+    ok, error, _ = execute(NOTEBOOKS_DIR / f"{name}.ipynb", Path(out_dir) / f"{name}.ipynb", params, timeout=600)
+    assert ok, error
+    return Path(out_dir) / f"{name}.ipynb"
+
+
+def valid_figure(path: Path) -> bool:
+    data = path.read_bytes()
+    if path.suffix == ".pdf":
+        return data.startswith(b"%PDF") and b"%%EOF" in data[-1024:]
+    if path.suffix == ".png":
+        return data.startswith(b"\x89PNG\r\n\x1a\n")
+    if path.suffix == ".svg":
+        import xml.etree.ElementTree as ET
+        return ET.fromstring(data).tag.endswith("svg")
+    return False
+
+
+def test_notebook_defaults_are_the_demo():
+    import papermill
+
+    params = papermill.inspect_notebook(str(NOTEBOOKS_DIR / "02_train_esr.ipynb"))
+    defaults = {k: v["default"] for k, v in params.items()}
+    for key, value in DEMO.items():
+        if key == "output_dir":
+            continue
+        assert eval(defaults[key]) == value, key                       # noqa: S307 (our own notebook)
+
+
+def test_01_diversity_explained(tmp_path):
+    run_nb("01_diversity_explained", tmp_path, output_dir=str(tmp_path / "out"), L_max=7)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["max_abs_error"] < 1e-12
+    assert res["reference_rewards_similarity_for_L"] == [3, 5, 7]      # odd L: the public code's sign flip
+    figs = sorted((tmp_path / "out" / "figures").iterdir())
+    assert {p.stem for p in figs} == {"det_vs_distance", "diagonal_conventions"}
+    assert all(valid_figure(p) for p in figs)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nb02")
+    run_nb("02_train_esr", out, output_dir=str(out / "runs"), run_name="tiny", **TINY)
+    return out / "runs" / "tiny"
+
+
+def test_02_train_esr(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["selected"]["stage"] == 1 and len(m["test"]["confusion"]) == 8
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["num_branches"] == 2 and cfg["train"]["optimizer"] == "adam"
+    assert all(valid_figure(p) for p in (tiny_run / "figures").glob("*.*"))
+
+
+def test_04_attention_explorer(tiny_run, tmp_path):
+    run_nb("04_attention_explorer", tmp_path, run_dir=str(tiny_run), compare_run_dir=str(tiny_run), n_images=3,
+           n_region_images=16, output_dir=str(tmp_path / "explorer"))
+    res = json.loads((tmp_path / "explorer" / "explorer.json").read_text())
+    scores = pd.DataFrame(res["region_scores"])
+    assert set(scores["map"]) == {"spatial attention", "Grad-CAM"} and len(scores) == 4
+    assert ((scores["inside"] >= 0) & (scores["inside"] <= 1)).all()
+    assert (scores["lift"] - scores["inside"] / scores["area"]).abs().max() < 0.2   # mean of ratios ~ ratio
+    names = {p.stem for p in (tmp_path / "explorer").glob("*.png")}
+    assert {"spatial_attention_last", "channel_attention", "grad_cam", "compare_spatial_attention",
+            "compare_grad_cam"} <= names
+
+
+def _sweep(tmp_path, grid, **extra):
+    doc = {"name": "tiny", "notebook": str(NOTEBOOKS_DIR / "02_train_esr.ipynb"), "output_dir": str(tmp_path),
+           "timeout": 600, "run_name": "{model}-s{seed}", "fixed": {**TINY, "dataset": "synthetic"}, "grid": grid,
+           **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_batch_records_failures_and_skips_finished_runs(tmp_path):
+    sweep = _sweep(tmp_path, {"model": ["esr9_div", "esr7"], "seed": [0, 1]})
+    summary = run_batch(sweep)
+    table = pd.read_csv(summary).set_index("run")
+    assert table.loc["esr9_div-s0", "status"] == "done" and table.loc["esr9_div-s1", "status"] == "done"
+    assert (table.loc[["esr7-s0", "esr7-s1"], "status"] == "failed").all()
+    assert "unknown model" in table.loc["esr7-s0", "error"]
+    assert 0 <= table.loc["esr9_div-s0", "test_acc"] <= 1
+    assert (tmp_path / "tiny" / "esr9_div-s0" / "notebook.ipynb").is_file()
+    assert (tmp_path / "tiny" / "esr9_div-s0" / "metrics.json").is_file()
+    done = tmp_path / "tiny" / "esr9_div-s0" / "notebook.ipynb"
+    stamp = done.stat().st_mtime_ns
+    # restart without retrying failures: nothing runs again
+    run_batch(sweep, retry_failed=False)
+    assert done.stat().st_mtime_ns == stamp
+    again = pd.read_csv(summary).set_index("run")
+    assert (again["status"] == table["status"]).all()
+
+    # Table 1 from the batch: 05 aggregates the two seeds
+    run_nb("05_reproduce_table", tmp_path, batch_dirs=[str(tmp_path / "tiny")], output_dir=str(tmp_path / "rep"))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["runs"] == 2
+    row = rep["table"][0]
+    assert row["variant"].startswith("ESR*-9") and "(n=2)" in row["synthetic"]
+    assert (tmp_path / "rep" / "table1.md").read_text().startswith("| variant |")
+
+
+def test_sweep_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    with pytest.raises(ValueError, match="missing key 'notebook'"):
+        load_sweep(bad)
+    bad.write_text("name: x\nnotebook: 02_train_esr.ipynb\ngrids: {}\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_sweep(bad)
+    bad.write_text("name: x\nnotebook: nope.ipynb\n")
+    with pytest.raises(FileNotFoundError, match="nope.ipynb"):
+        load_sweep(bad)
+    bad.write_text("name: x\nnotebook: 02_train_esr.ipynb\nfixed: {seed: 1}\ngrid: {seed: [1, 2]}\n")
+    with pytest.raises(ValueError, match="both"):
+        load_sweep(bad)
+    sweep = load_sweep(NOTEBOOKS_DIR / "sweeps" / "table1_esr_ferplus.yaml")
+    with pytest.raises(ValueError, match="--set data_root"):
+        sweep.check_required()
+    assert len(load_sweep(NOTEBOOKS_DIR / "sweeps" / "table1_esr_synthetic.yaml").points()) == 12
+    dup = load_sweep(_sweep(tmp_path, {"model": ["esr9"], "seed": [0, 1]}, run_name="{model}"))
+    with pytest.raises(ValueError, match="run name"):
+        dup.points()
