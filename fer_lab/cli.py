@@ -13,20 +13,18 @@ import sys
 from pathlib import Path
 
 from .diversity import TERMS
-from .train import PROTOCOLS, TrainConfig, train
+from .train import PRESETS, PROTOCOLS, TrainConfig, train
 
 #: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, grown one branch per
 #: stage, sized to finish within 10 minutes on 2 CPU cores (README states the measured time).
 #: Adam instead of the papers' SGD: on this budget SGD is still near chance when the demo
 #: ends (bench/results/demo_sizing.json).
 DEMO = dict(
-    model="esr9_div",
-    model_options={"num_branches": 4, "width": 0.25},
-    dataset="synthetic",
-    data_options={"num_samples": {"val": 600, "test": 1200}},
+    model="esr9_div", branches=4, width=0.25, image_size=96,
+    dataset="synthetic", data_options={"num_samples": {"val": 600, "test": 1200}},
     optimizer="adam", lr=1e-3, lr_new=1e-3, lr_old=3e-4, lr_step=6, lr_gamma=0.5,
-    epochs=8, epochs_later=4, batch_size=32, subset_per_class=200, seed=0,
-    name="esr4_div-synthetic-demo", output_dir="outputs/demo",
+    epochs=7, epochs_later=3, batch_size=32, subset_per_class=200, seed=0,
+    run_name="esr4_div-synthetic-demo", output_dir="outputs/demo",
 )
 
 
@@ -78,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("what to train")
     g.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields; command-line options "
                                                 "override it")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="protocol preset: model, dataset and the paper's optimiser settings (esr_affectnet: ESR "
+                        "growth; manet_rafdb: SGD 0.01, wd 1e-4, StepLR(15, 0.1), batch 128, 100 epochs; "
+                        "manet_affectnet: 20 epochs, StepLR(5, 0.1)); the config file and explicit options "
+                        "override it")
+    g.add_argument("--init-weights", metavar="PATH",
+                   help="initialise the fresh model from this file: MA-Net's MS-Celeb-1M checkpoint, a "
+                        "torchvision ResNet-18 state dict (MA-Net's stem) or a fer_lab checkpoint (best.pt); "
+                        "nothing is downloaded")
+    g.add_argument("--init-partial", action="store_true",
+                   help="with --init-weights: load the tensors that match and keep the rest as initialised "
+                        "(otherwise any missing, unexpected or reshaped key is an error that lists them)")
     g.add_argument("--model", default=d.model, help="registered model name (see `python -m fer_lab models`)")
     g.add_argument("--dataset", default=d.dataset, help="dataset name (synthetic needs no files)")
     g.add_argument("--data-root", default=d.data_root, help="directory holding the dataset's files")
@@ -140,11 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
     g.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> where it stopped")
 
-    dm = sub.add_parser("demo", help="the CPU demo: a 4-branch ESR* on synthetic faces (make demo)")
+    dm = sub.add_parser("demo", help="the CPU demo: notebooks 02 (train a 4-branch ESR* on synthetic faces) "
+                                     "and 04 (attention explorer) via papermill (make demo)")
     dm.add_argument("--output-dir", default=DEMO["output_dir"], help="where the demo run goes")
-    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dm.add_argument("--no-progress", action="store_true", help="do not stream the notebooks' output")
 
     sub.add_parser("models", help="list the registered model variants")
+
+    bt = sub.add_parser("batch", help="run a sweep of notebooks with papermill (see fer_lab/batch.py)",
+                        description="Execute a notebook for every point of a sweep's grid into "
+                                    "<output_dir>/<name>/<run>/, keeping summary.csv up to date; finished runs are "
+                                    "skipped on restart, failed runs are recorded and the batch goes on.")
+    bt.add_argument("sweep", type=Path, help="sweep YAML file (e.g. notebooks/sweeps/table1_esr_synthetic.yaml)")
+    bt.add_argument("--jobs", type=int, default=1, help="runs executed at once")
+    bt.add_argument("--set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                    help="override or add a fixed parameter, e.g. data_root=/data/FERPlus (VALUE parsed as JSON)")
+    bt.add_argument("--no-retry", action="store_true", help="skip failed runs too instead of retrying them")
 
     da = sub.add_parser("data", help="dataset tools (check)")
     dsub = da.add_subparsers(dest="data_command", required=True)
@@ -182,8 +203,28 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed ``train`` arguments (config file first, then explicit options)."""
+#: ``train`` options whose TrainConfig field has another name (or is the inverse flag).
+_DEST_FIELD = {"workers": "num_workers", "no_channels_last": "channels_last", "no_progress": "progress",
+               "no_figures": "figures", "imagenet_normalize": "normalize"}
+
+
+def _given_fields(argv) -> set[str]:
+    """TrainConfig fields whose options appear in the ``train`` command line ``argv`` (even
+    at their default value); empty when ``argv`` is unknown."""
+    if argv is None:
+        return set()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return {_DEST_FIELD.get(dest, dest) for dest in vars(parser.parse_args(list(argv)))}
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from parsed ``train`` arguments: the ``--preset`` first, then the config file,
+    then options given on the command line (those in ``argv`` when given, even at their
+    default value, and any whose value differs from the default)."""
+    preset = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
     base: dict = {}
     if args.config:
         import yaml
@@ -193,14 +234,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = yaml.safe_load(args.config.read_text()) or {}
         if not isinstance(base, dict):
             raise SystemExit(f"--config {args.config}: expected a mapping of TrainConfig fields")
-    model_options = dict(base.pop("model_options", {}) or {})
+    model_options = {**preset.pop("model_options", {}), **(base.pop("model_options", {}) or {})}
     model_options.update(dict(args.model_option))
     for key, opt in (("num_branches", "branches"), ("width", "width"), ("gamma", "gamma"),
                      ("diagonal", "diagonal"), ("reduction", "reduction"), ("diversity_terms", "diversity_terms"),
                      ("diversity_normalize", "diversity_normalize"), ("diversity_weight", "diversity_weight")):
         if getattr(args, opt) is not None:
             model_options[key] = getattr(args, opt)
-    data_options = dict(base.pop("data_options", {}) or {})
+    data_options = {**preset.pop("data_options", {}), **(base.pop("data_options", {}) or {})}
     data_options.update(dict(args.data_option))
     fields = dict(
         model=args.model, dataset=args.dataset, data_root=args.data_root,
@@ -213,23 +254,58 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
         name=args.name, output_dir=args.output_dir, cache_dir=args.cache_dir, seed=args.seed,
         deterministic=args.deterministic, device=args.device, num_workers=args.workers,
-        channels_last=not args.no_channels_last, progress=not args.no_progress, figures=not args.no_figures)
+        channels_last=not args.no_channels_last, progress=not args.no_progress, figures=not args.no_figures,
+        init_weights=args.init_weights, init_partial=args.init_partial)
     # a config file sets fields the command line left at their defaults
     defaults = TrainConfig().to_dict()
-    merged = {**defaults, **base}
-    merged.update({k: v for k, v in fields.items() if v != defaults.get(k)})
+    merged = {**defaults, **preset, **base}
+    given = _given_fields(argv)
+    merged.update({k: v for k, v in fields.items() if k in given or v != defaults.get(k)})
     merged.update(model_options=model_options, data_options=data_options)
     return TrainConfig.from_dict(merged)
 
 
 def run_demo(output_dir: str, progress: bool = True) -> Path:
-    """Train the demo configuration (resuming or reusing an existing demo run)."""
-    cfg = TrainConfig(**{**DEMO, "output_dir": output_dir, "progress": progress})
-    path = Path(cfg.output_dir) / cfg.run_name
-    if (path / "metrics.json").exists():
-        logging.getLogger(__name__).warning("demo run %s already finished; delete it to train again", path)
-        return path
-    return train(cfg, resume=(path / "config.json").exists())
+    """``make demo``: execute ``02_train_esr.ipynb`` with :data:`DEMO` and ``04_attention_explorer``
+    on its run, with papermill, into ``output_dir`` (executed notebooks beside the run).
+
+    A finished demo run is reused (delete it to train again); an interrupted one resumes.
+    """
+    from .batch import NOTEBOOKS_DIR, check_kernel, execute
+
+    check_kernel()
+    out = Path(output_dir).resolve()
+    run = out / DEMO["run_name"]
+    steps = [("02_train_esr", {**DEMO, "output_dir": str(out), "progress": False}),
+             ("04_attention_explorer", {"run_dir": str(run)})]
+    for name, params in steps:
+        if name == "02_train_esr" and (run / "metrics.json").exists():
+            logging.getLogger(__name__).warning("demo run %s already finished; delete it to train again", run)
+            continue
+        ok, error, seconds = execute(NOTEBOOKS_DIR / f"{name}.ipynb", out / f"{name}.ipynb", params,
+                                     stream=progress)
+        if not ok:
+            raise RuntimeError(f"demo notebook {name} failed: {error or 'see the executed notebook'} "
+                               f"({out / (name + '.ipynb')})")
+    return run
+
+
+def run_batch_command(args) -> int:
+    """``python -m fer_lab batch``: run a sweep and print where its summary is."""
+    from .batch import load_sweep, run_batch
+
+    sweep = load_sweep(args.sweep)
+    sweep.fixed.update(dict(args.set))
+    summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry)
+    import pandas as pd
+
+    table = pd.read_csv(summary)
+    print(table.drop(columns=[c for c in ("error",) if c in table]).to_string(index=False))
+    failed = table[table["status"] == "failed"]
+    for row in failed.itertuples():
+        print(f"failed: {row.run}: {row.error}", file=sys.stderr)
+    print(f"summary: {summary}")
+    return 1 if len(failed) else 0
 
 
 def _summary(path: Path) -> str:
@@ -269,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return run_data_check(args)
+        if args.command == "batch":
+            return run_batch_command(args)
         if args.command == "train":
-            cfg = config_from_args(args)
+            cfg = config_from_args(args, sys.argv[1:] if argv is None else argv)
             path = train(cfg, resume=args.resume)
             print(_summary(path))
             return 0
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -36,12 +36,26 @@ from . import runs
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
 from .models.common import TERM_ABBREV
-from .utils import derive_seed, deterministic_mode, pick_device, set_seed
+from .utils import derive_seed, deterministic_mode, flush_denormal, pick_device, set_seed
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("auto", "esr_growth", "single")
 OPTIMIZERS = ("sgd", "adam")
+#: Protocol presets (SPEC sections 3 and 4) for ``TrainConfig.from_preset(name, **overrides)`` and
+#: the CLI's ``--preset NAME``: the model, dataset and the paper's optimisation settings.
+#: MA-Net trains on every training image (no class-balanced subset), as its public code does.
+PRESETS: dict[str, dict] = {
+    "esr_affectnet": dict(model="esr9_div", dataset="affectnet", protocol="esr_growth", epochs=50,
+                          epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01, lr_step=10, lr_gamma=0.5,
+                          optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=32, subset_per_class=5000),
+    "manet_rafdb": dict(model="manet", dataset="rafdb", protocol="single", epochs=100, lr=0.01, lr_step=15,
+                        lr_gamma=0.1, optimizer="sgd", momentum=0.9, weight_decay=1e-4, batch_size=128,
+                        subset_per_class=None),
+    "manet_affectnet": dict(model="manet", model_options={"num_classes": 8}, dataset="affectnet",
+                            protocol="single", epochs=20, lr=0.01, lr_step=5, lr_gamma=0.1, optimizer="sgd",
+                            momentum=0.9, weight_decay=1e-4, batch_size=128, subset_per_class=None),
+}
 # config keys that may differ between an interrupted run and its resumption
 _VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size"}
 
@@ -68,6 +82,13 @@ class TrainConfig:
     (``auto``/``cpu``/``cuda``), ``num_workers``, ``channels_last`` (NHWC memory format:
     same numbers up to float round-off, faster convolutions on CPU and GPU), ``progress``
     (tqdm bars), ``figures``.
+
+    Initialisation: ``init_weights`` (a file the user supplies: MS-Celeb-1M MA-Net checkpoint,
+    torchvision ResNet-18 state dict or a fer_lab checkpoint, see
+    :func:`fer_lab.models.pretrained.load_pretrained`), loaded once into the freshly built
+    model (not on resume, not when a later ESR stage reloads its best checkpoint);
+    ``init_partial`` allows loading only the tensors that match. The load report goes to
+    the run's ``init_weights.json``. Presets: :meth:`from_preset`.
     """
 
     model: str = "esr9_div"
@@ -80,6 +101,8 @@ class TrainConfig:
     train_transform: str | None = None
     normalize: str | None = None
     random_erasing: bool = False
+    init_weights: str | None = None
+    init_partial: bool = False
 
     name: str | None = None
     output_dir: str = "outputs/runs"
@@ -143,6 +166,8 @@ class TrainConfig:
             problems.append(f"num_workers={self.num_workers!r}: expected >= 0")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
             problems.append(f"image_size={self.image_size!r}: expected None (model default) or an int >= 8")
+        if self.init_weights is not None:
+            self.init_weights = str(self.init_weights)      # a Path is stored (and compared on resume) as text
         if problems:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
@@ -157,9 +182,52 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The protocol preset ``name`` of :data:`PRESETS` with ``overrides`` (any fields) on top;
+        ``model_options`` and ``data_options`` overrides are merged into the preset's."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        d = {**PRESETS[name], **overrides}
+        for key in ("model_options", "data_options"):
+            if key in PRESETS[name] and key in overrides:
+                d[key] = {**PRESETS[name][key], **(overrides[key] or {})}
+        return cls.from_dict(d)
+
     @property
     def run_name(self) -> str:
         return self.name or f"{self.model}-{self.dataset}-s{self.seed}"
+
+
+#: Flat names (notebook parameters, sweep grids) of model options -> model constructor keys.
+MODEL_OPTIONS = {"branches": "num_branches", "width": "width", "attention": "attention", "gamma": "gamma",
+                 "diagonal": "diagonal", "reduction": "reduction", "diversity_terms": "diversity_terms",
+                 "normalize": "diversity_normalize", "diversity_weight": "diversity_weight",
+                 "diversity_source": "diversity_source", "num_classes": "num_classes"}
+
+
+def config_from_flat(**flat) -> TrainConfig:
+    """A :class:`TrainConfig` from one flat dict of parameters (a notebook's parameters cell,
+    a sweep's grid point).
+
+    Keys of :data:`MODEL_OPTIONS` (``branches``, ``width``, ``gamma``, ``diagonal``,
+    ``diversity_terms``, ``normalize``, ...) become ``model_options`` - ``None`` keeps the
+    variant's default; ``run_name`` is the run's ``name``; everything else must be a
+    :class:`TrainConfig` field. Unknown keys are rejected with the list of known ones.
+    """
+    model_options = dict(flat.pop("model_options", None) or {})
+    for key, target in MODEL_OPTIONS.items():
+        value = flat.pop(key, None)
+        if value is not None:
+            model_options[target] = value
+    if "run_name" in flat:
+        flat["name"] = flat.pop("run_name")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; expected training options {sorted(known)} "
+                         f"or model options {sorted(MODEL_OPTIONS)}")
+    return TrainConfig(model_options=model_options, **flat)
 
 
 @dataclass(frozen=True)
@@ -447,11 +515,24 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     ``resume=True`` continues ``<output_dir>/<name>`` from its last finished epoch; the
     configuration must match the saved one (except progress, device, workers, figures).
     A resumed run ends with the same metrics as an uninterrupted one with the same seed.
-    PyTorch's deterministic mode (``cfg.deterministic``) holds during the call only.
+    PyTorch's deterministic mode (``cfg.deterministic``) and flushing CPU denormals to zero
+    (see :func:`fer_lab.utils.flush_denormal`) hold during the call only.
     """
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    with deterministic_mode(cfg.deterministic):
+    with deterministic_mode(cfg.deterministic), flush_denormal():
         return _train(cfg, resume, list(callbacks))
+
+
+def _fresh_model(cfg: TrainConfig, mcfg: dict, protocol: str):
+    """The model a fresh run starts from (one branch for ESR growth), initialised from
+    ``cfg.init_weights`` when given. Returns ``(model, load report or None)``."""
+    start_cfg = dict(mcfg, num_branches=1) if protocol == "esr_growth" else mcfg
+    model = build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"})
+    if not cfg.init_weights:
+        return model, None
+    from .models.pretrained import load_pretrained
+
+    return model, load_pretrained(model, cfg.init_weights, allow_partial=cfg.init_partial)
 
 
 def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
@@ -476,6 +557,9 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
                          f"{list(data.classes)}; set model_options num_classes or label_space")
     target_branches = mcfg.get("num_branches")
     stages = plan_stages(cfg, protocol, target_branches)
+    # a fresh run builds (and initialises) its model before writing anything, so a bad
+    # --init-weights file leaves no half-made run directory behind
+    fresh = _fresh_model(cfg, mcfg, protocol) if not resume else None
     if run is None:
         run = runs.RunDir.create(cfg.output_dir, cfg.run_name)
         runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol,
@@ -495,8 +579,10 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
         state.update(ckpt["state"])
         log.info("resuming %s at stage %d after epoch %d", run.path, state["stage"], state["epoch"])
     else:
-        start_cfg = dict(mcfg, num_branches=1) if protocol == "esr_growth" else mcfg
-        model = _place(build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"}), device, cfg)
+        model, init_report = fresh or _fresh_model(cfg, mcfg, protocol)
+        if init_report is not None:
+            runs.write_json(run.path / "init_weights.json", init_report)
+        model = _place(model, device, cfg)
     t_start = time.perf_counter() - state["elapsed"]
 
     for stage in stages[state["stage"]:]:

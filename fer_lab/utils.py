@@ -49,6 +49,20 @@ def deterministic_mode(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
+@contextlib.contextmanager
+def flush_denormal():
+    """Context manager: CPU denormal floats flushed to zero inside (PyTorch's default, off, after).
+
+    A saturated diversity term (S = I) back-propagates through ``exp`` of huge negative
+    numbers; its denormal intermediates made one backward pass 20x slower on CPU.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
     if str(device) == "auto":

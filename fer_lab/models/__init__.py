@@ -3,7 +3,9 @@
 ``build_model("esr9_div")`` builds ESR*-9 (CBAM + spatial + channel diversity, 96 px,
 8 classes, gamma 10); any default can be overridden: ``build_model("esr9_div",
 num_branches=4, width=0.25, gamma=5)``. ``build_model_from_config(model.config)``
-rebuilds a model from a checkpoint's config.
+rebuilds a model from a checkpoint's config. MA-Net: ``build_model("manet")`` (7 classes,
+224 px) and ``build_model("manet_div")`` (MA-Net* with patch spatial, patch channel and
+branch diversity); initial weights from files: :mod:`fer_lab.models.pretrained`.
 
 The protocol every model here follows (and the training engine relies on):
 
@@ -24,9 +26,10 @@ from torch import nn
 from ..diversity import DiversityConfig
 from .cbam import CBAM
 from .esr import ESR, ESROutput
+from .manet import MANet, MANetOutput
 
-__all__ = ["CBAM", "ESR", "ESROutput", "build_model", "build_model_from_config", "list_models",
-           "model_spec", "register_model", "count_parameters"]
+__all__ = ["CBAM", "ESR", "ESROutput", "MANet", "MANetOutput", "build_model", "build_model_from_config",
+           "list_models", "model_spec", "register_model", "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +136,12 @@ for _n in (9, 15):
     register_model(f"esr{_n}_div", ESR, f"ESR*-{_n}: CBAM + spatial + channel attention diversity",
                    _ESR_DATA, attention=True, diversity={"terms": ["spatial", "channel"], "gamma": 10.0},
                    **_common)
+
+# ---- MA-Net family (SPEC section 4) --------------------------------------------------------
+_MANET_DATA = {"input_size": 224, "train_transform": "manet_train", "eval_transform": "eval",
+               "normalize": None, "protocol": "single", "label_space": None}
+_manet_common = dict(num_classes=7, input_size=224, chain_order="descending", local_weight=0.6)
+register_model("manet", MANet, "MA-Net: ResNet-18 stem, 4 CBAM patch branches + global multi-scale branch",
+               _MANET_DATA, diversity={}, **_manet_common)
+register_model("manet_div", MANet, "MA-Net*: MA-Net + patch spatial, patch channel and branch diversity",
+               _MANET_DATA, diversity={"terms": ["spatial", "channel", "branch"], "gamma": 10.0}, **_manet_common)
