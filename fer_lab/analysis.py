@@ -45,6 +45,19 @@ def spatial_attention(out, layer: str = "last") -> tuple[np.ndarray, list[str]]:
     raise KeyError(f"unknown attention layer {layer!r}; choices: {attention_layers(out)}")
 
 
+def learner_attention(out) -> dict[str, torch.Tensor]:
+    """Each learner's last spatial attention, face-aligned: ``{label: (B, h, w)}``.
+
+    ESR: ``branch_<l>`` (each branch's last CBAM). MA-Net: ``local patches`` (the four patch
+    CBAMs re-tiled over the face). Empty for models without attention.
+    """
+    if getattr(out, "spatial_attention", None) is not None:
+        return {f"branch_{l + 1}": m for l, m in enumerate(out.spatial_attention)}
+    if getattr(out, "patch_spatial_attention", None) is not None:
+        return {"local patches": out.tiled_spatial_attention}
+    return {}
+
+
 @torch.no_grad()
 def _batch(dataset, indices):
     items = [dataset[int(i)] for i in indices]
@@ -58,7 +71,8 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
     """Share of each learner's attention inside the expression regions, averaged over ``indices``.
 
     ``dataset`` must return region masks (synthetic faces with ``return_masks=True``). Rows:
-    one per learner and map kind (``spatial attention`` of the last CBAM, ``Grad-CAM``);
+    one per learner and map kind (``spatial attention`` of the last CBAM(s), see
+    :func:`learner_attention`; ``Grad-CAM`` of every scoring head);
     columns ``inside`` (share of mass in the union of eyes, brows, mouth and nose), ``area``
     (their area share: what uniform attention scores), ``lift`` (= inside / area) and one share
     per region. Returns a pandas DataFrame.
@@ -78,12 +92,10 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
                 raise ValueError("region_scores needs a dataset that returns region masks (synthetic faces "
                                  "with return_masks=True)")
             out = model(x.to(device))
-            maps = {f"branch_{l + 1}": out.spatial_attention[l] for l in range(out.spatial_attention.shape[0])} \
-                if getattr(out, "spatial_attention", None) is not None else {}
-            kinds = [("spatial attention", maps)]
+            kinds = [("spatial attention", learner_attention(out))]
             if with_grad_cam:
-                cams = {h: torch.from_numpy(grad_cam(model, x, h)) for h in maps}
-                kinds.append(("Grad-CAM", cams))
+                heads = [h for h, v in model.heads(out).items() if v.dim() == 2]
+                kinds.append(("Grad-CAM", {h: torch.from_numpy(grad_cam(model, x, h)) for h in heads}))
             for kind, per in kinds:
                 for learner, m in per.items():
                     r = attention_in_regions(m.float().cpu(), masks.float())

@@ -203,7 +203,8 @@ class TrainConfig:
 MODEL_OPTIONS = {"branches": "num_branches", "width": "width", "attention": "attention", "gamma": "gamma",
                  "diagonal": "diagonal", "reduction": "reduction", "diversity_terms": "diversity_terms",
                  "normalize": "diversity_normalize", "diversity_weight": "diversity_weight",
-                 "diversity_source": "diversity_source", "num_classes": "num_classes"}
+                 "diversity_source": "diversity_source", "num_classes": "num_classes",
+                 "chain_order": "chain_order"}
 
 
 def config_from_flat(**flat) -> TrainConfig:

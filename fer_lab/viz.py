@@ -303,21 +303,21 @@ def plot_map_grid(images, maps, classes: Sequence[str] | None = None, targets=No
     """Each row one face, each column one map (a learner's attention or Grad-CAM) overlaid on it.
 
     ``images`` ``(B, C, H, W)``; ``maps`` either ``(L, B, h, w)`` (columns ``branch 1..L``) or
-    a dict ``{column label: (B, h, w)}`` (e.g. two runs side by side); maps are upsampled
-    bilinearly. ``predictions`` ``(L, B)`` class indices (one row per column) are printed per
+    a dict ``{column label: (B, h, w)}`` (e.g. two runs side by side, or attention next to
+    Grad-CAM: columns may have different resolutions); maps are upsampled bilinearly. ``predictions`` ``(L, B)`` class indices (one row per column) are printed per
     panel, red when wrong; ``targets`` ``(B,)`` label the rows. One colour scale for the
     whole grid (``shared_scale``) so learners are comparable; otherwise each map is min-max scaled.
     """
     images = np.asarray(images)
+    H, W = _as_display(images[0]).shape[:2]
     if isinstance(maps, dict):
         column_labels = list(maps) if column_labels is None else list(column_labels)
-        att = np.stack([np.asarray(v, dtype=np.float32) for v in maps.values()])
+        maps = list(maps.values())
     else:
-        att = np.asarray(maps, dtype=np.float32)
-        column_labels = list(column_labels) if column_labels is not None else _labels(att.shape[0], "branch ")
-    L, B = att.shape[:2]
-    H, W = _as_display(images[0]).shape[:2]
-    up = upsample(att, (H, W))
+        column_labels = list(column_labels) if column_labels is not None else _labels(len(maps), "branch ")
+    # columns may differ in resolution (6x6 attention next to full-size Grad-CAM)
+    up = np.stack([upsample(np.asarray(m, dtype=np.float32), (H, W)) for m in maps])
+    L, B = up.shape[:2]
     lo, hi = (np.nanmin(up), np.nanmax(up)) if shared_scale else (None, None)
     fig, axes = plt.subplots(B, L + 1, figsize=(1.25 * (L + 1), 1.3 * B), squeeze=False)
     for b in range(B):
@@ -447,9 +447,14 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
         targets = base.targets if not hasattr(dataset, "indices") else base.targets[np.asarray(dataset.indices)]
         idx = pick_examples(targets, n_images)
         x, y, out = collect_attention(model, dataset, idx, device)
-        att = getattr(out, "spatial_attention", None)
-        if att is not None:
+        from .analysis import learner_attention
+
+        maps = {k: v.cpu().numpy() for k, v in learner_attention(out).items()}
+        if maps:
             classes = run.config.get("classes")
-            preds = out.branch_logits.argmax(dim=-1).cpu().numpy()
-            emit(plot_map_grid(x.numpy(), att.cpu().numpy(), classes, y.numpy(), preds), "attention_maps")
+            heads = {h: v for h, v in model.heads(out).items() if h != "vote"}
+            # one prediction row per column: the branch's own head, else the model's main head
+            preds = [(heads.get(k, heads[model.main_head])).argmax(dim=-1).cpu().numpy() for k in maps]
+            maps = {k.replace("_", " "): v for k, v in maps.items()}
+            emit(plot_map_grid(x.numpy(), maps, classes, y.numpy(), preds), "attention_maps")
     return written

@@ -77,12 +77,29 @@ def test_04_attention_explorer(tiny_run, tmp_path):
            n_region_images=16, output_dir=str(tmp_path / "explorer"))
     res = json.loads((tmp_path / "explorer" / "explorer.json").read_text())
     scores = pd.DataFrame(res["region_scores"])
-    assert set(scores["map"]) == {"spatial attention", "Grad-CAM"} and len(scores) == 4
+    assert set(scores["map"]) == {"spatial attention", "Grad-CAM"} and len(scores) == 2 + 3   # + ensemble CAM
     assert ((scores["inside"] >= 0) & (scores["inside"] <= 1)).all()
     assert (scores["lift"] - scores["inside"] / scores["area"]).abs().max() < 0.2   # mean of ratios ~ ratio
     names = {p.stem for p in (tmp_path / "explorer").glob("*.png")}
     assert {"spatial_attention_last", "channel_attention", "grad_cam", "compare_spatial_attention",
             "compare_grad_cam"} <= names
+
+
+def test_03_train_manet_and_explorer(tmp_path):
+    """MA-Net* at 112 px on 16 synthetic faces for one epoch, then the explorer on its run."""
+    run_nb("03_train_manet", tmp_path, output_dir=str(tmp_path / "runs"), run_name="manet", epochs=1, batch_size=8,
+           data_options={"num_samples": 16}, n_attention_images=2, progress=False)
+    run = tmp_path / "runs" / "manet"
+    h = pd.read_csv(run / "history.csv")
+    for col in ("train_D_sp", "train_D_ch", "train_D_b", "val_acc_fused", "val_acc_local", "val_acc_global",
+                "train_gradnorm_D_b"):
+        assert col in h, col
+    assert json.loads((run / "metrics.json").read_text())["selected"]["head"] == "fused"
+    assert (run / "figures" / "attention_maps.png").is_file()
+    run_nb("04_attention_explorer", tmp_path, run_dir=str(run), n_images=2, n_region_images=4,
+           output_dir=str(tmp_path / "explorer"))
+    scores = pd.DataFrame(json.loads((tmp_path / "explorer" / "explorer.json").read_text())["region_scores"])
+    assert set(scores["learner"]) == {"local patches", "fused", "local", "global"}
 
 
 def _sweep(tmp_path, grid, **extra):
