@@ -37,7 +37,7 @@ test: venv
 	$(VPY) -m pytest -q
 
 lab: venv
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: venv
 	$(VPY) -m bench.run_all

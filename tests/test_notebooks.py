@@ -113,7 +113,7 @@ def _sweep(tmp_path, grid, **extra):
 
 def test_batch_records_failures_and_skips_finished_runs(tmp_path):
     sweep = _sweep(tmp_path, {"model": ["esr9_div", "esr7"], "seed": [0, 1]})
-    summary = run_batch(sweep)
+    summary = run_batch(sweep, jobs=2)                   # two notebooks at a time
     table = pd.read_csv(summary).set_index("run")
     assert table.loc["esr9_div-s0", "status"] == "done" and table.loc["esr9_div-s1", "status"] == "done"
     assert (table.loc[["esr7-s0", "esr7-s1"], "status"] == "failed").all()
