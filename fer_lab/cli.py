@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=d.num_workers, help="DataLoader worker processes")
     g.add_argument("--no-channels-last", action="store_true",
                    help="keep NCHW memory format (channels-last is faster and numerically equivalent)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
+                   help="autocast the training forward pass (the diversity term stays float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
     g.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> where it stopped")
@@ -255,7 +258,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         name=args.name, output_dir=args.output_dir, cache_dir=args.cache_dir, seed=args.seed,
         deterministic=args.deterministic, device=args.device, num_workers=args.workers,
         channels_last=not args.no_channels_last, progress=not args.no_progress, figures=not args.no_figures,
-        init_weights=args.init_weights, init_partial=args.init_partial)
+        init_weights=args.init_weights, init_partial=args.init_partial, amp=args.amp, compile=args.compile)
     # a config file sets fields the command line left at their defaults
     defaults = TrainConfig().to_dict()
     merged = {**defaults, **preset, **base}

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("auto", "esr_growth", "single")
 OPTIMIZERS = ("sgd", "adam")
+AMP_MODES = ("none", "bf16", "fp16")
 #: Protocol presets (SPEC sections 3 and 4) for ``TrainConfig.from_preset(name, **overrides)`` and
 #: the CLI's ``--preset NAME``: the model, dataset and the paper's optimisation settings.
 #: MA-Net trains on every training image (no class-balanced subset), as its public code does.
@@ -80,8 +81,13 @@ class TrainConfig:
 
     Execution: ``seed``, ``deterministic`` (PyTorch deterministic mode), ``device``
     (``auto``/``cpu``/``cuda``), ``num_workers``, ``channels_last`` (NHWC memory format:
-    same numbers up to float round-off, faster convolutions on CPU and GPU), ``progress``
-    (tqdm bars), ``figures``.
+    same numbers up to float round-off, faster convolutions on CPU and GPU; on by default),
+    ``amp`` (``none``, ``bf16`` or ``fp16`` autocast for the training forward pass; the
+    diversity term always runs in float32; fp16 uses a gradient scaler), ``compile``
+    (``torch.compile`` the training forward pass with ``compile_backend``; recompiled when a
+    branch is added),
+    ``progress`` (tqdm bars), ``figures``. ``bench/RESULTS.md`` says which of these pay off
+    on which hardware; only ``channels_last`` is on by default.
 
     Initialisation: ``init_weights`` (a file the user supplies: MS-Celeb-1M MA-Net checkpoint,
     torchvision ResNet-18 state dict or a fer_lab checkpoint, see
@@ -130,6 +136,9 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     channels_last: bool = True
+    amp: str = "none"
+    compile: bool = False
+    compile_backend: str = "inductor"
     progress: bool = True
     figures: bool = True
 
@@ -162,6 +171,8 @@ class TrainConfig:
             problems.append(f"branch_init={self.branch_init!r}: expected 'random' or 'copy'")
         if not (0 < self.val_fraction < 1):
             problems.append(f"val_fraction={self.val_fraction!r}: expected a fraction in (0, 1)")
+        if self.amp not in AMP_MODES:
+            problems.append(f"amp={self.amp!r}: expected one of {AMP_MODES}")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers!r}: expected >= 0")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
@@ -405,21 +416,31 @@ def _input(x: torch.Tensor, device, model) -> torch.Tensor:
     return x
 
 
-def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None):
-    """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``."""
+def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None,
+              amp: str = "none", forward=None, scaler=None):
+    """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``.
+
+    ``amp``: autocast dtype of the forward pass (``none``, ``bf16``, ``fp16``); ``forward``: the
+    callable that runs the model (e.g. its ``torch.compile`` version; default the model);
+    ``scaler``: a ``torch.amp.GradScaler`` for fp16.
+    """
     from tqdm.auto import tqdm
 
     training = optimizer is not None
     model.train(training)
+    forward = model if forward is None else forward
     meter = EpochMeter()
     extra = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "none")
     with torch.set_grad_enabled(training):
         bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             x = _input(x, device, model)
             y = y.to(device, non_blocking=True)
-            out = model(x)
-            lo = model.loss(out, y)
+            with autocast:
+                out = forward(x)
+                lo = model.loss(out, y)
             if training:
                 if not torch.isfinite(lo.total):
                     raise FloatingPointError(f"{desc}: loss became {float(lo.total)} at batch {i}; "
@@ -427,8 +448,13 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
                 if i == 0:
                     extra = _grad_norms(model, lo)
                 optimizer.zero_grad(set_to_none=True)
-                lo.total.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(lo.total).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    lo.total.backward()
+                    optimizer.step()
             meter.update(lo, model.heads(out), y)
             if callbacks:
                 _emit(callbacks, "on_batch_end", {**(event or {}), "batch": i, "loss": lo})
@@ -598,9 +624,13 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             model = _place(model, device, cfg)
             state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
         optimizer, scheduler = _optimizer(model, stage, cfg)
+        forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
+        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         if continuing:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
         subset = balanced_subset(data.train_targets, cfg.subset_per_class, derive_seed(cfg.seed, "subset", stage.index))
         _emit(callbacks, "on_stage_start", {"stage": stage.index, "model": model, "subset_size": len(subset)})
         for epoch in range(state["epoch"] + 1, stage.epochs):
@@ -613,7 +643,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             event = {"stage": stage.index, "epoch": epoch, "model": model}
             tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.progress,
                                    f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
-                                   callbacks, event)
+                                   callbacks, event, amp=cfg.amp, forward=forward, scaler=scaler)
             scheduler.step()
             va, va_sim = run_epoch(model, val_loader, device, progress=False)
             record = {"stage": stage.index, "epoch": epoch, "global_epoch": len(state["history"]),
@@ -629,7 +659,8 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             state.update(stage=stage.index, epoch=epoch, elapsed=time.perf_counter() - t_start)
             runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score),
                                             "optimizer": optimizer.state_dict(),
-                                            "scheduler": scheduler.state_dict(), "state": _plain(state)})
+                                            "scheduler": scheduler.state_dict(), "state": _plain(state),
+                                            "scaler": scaler.state_dict() if scaler is not None else {}})
             runs.write_csv(run.history, state["history"])
             _write_similarity(run.similarity, state)
             log.info("stage %d epoch %d: train acc %.4f, val acc %.4f", stage.index, epoch,

@@ -182,3 +182,33 @@ def test_registry_and_config_roundtrip():
     torch.testing.assert_close(clone(x).logits, m(x).logits)
     assert clone.diversity == m.diversity and clone.num_branches == 3
     assert isinstance(clone, ESR)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cbam_fast_path_matches_autograd(channels_last):
+    """The hand-written backward passes of CBAM's gating equal autograd on the plain formulas."""
+    from fer_lab.models.cbam import _ChannelPool, _GateApply, _GateStats
+
+    torch.manual_seed(4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    ca = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    sa = torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ChannelPool.apply, (x,))
+    assert torch.autograd.gradcheck(_GateStats.apply, (x, ca))
+    assert torch.autograd.gradcheck(_GateApply.apply, (x, ca, sa))
+    cbam = CBAM(32).train()
+    inp = torch.relu(torch.randn(4, 32, 9, 7)).contiguous(memory_format=fmt)
+    a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+    fast, ref = cbam(a), cbam.reference_forward(b)
+    weights = [torch.randn_like(t) for t in fast]
+    grads = []
+    for out, leaf in ((fast, a), (ref, b)):
+        cbam.zero_grad()
+        sum((o * w).sum() for o, w in zip(out, weights)).backward()
+        grads.append([leaf.grad] + [p.grad.clone() for p in cbam.parameters()])
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, atol=1e-6, rtol=1e-6)
+    for gf, gr in zip(*grads):
+        torch.testing.assert_close(gf, gr, atol=1e-4, rtol=1e-4)
+    assert a.grad.is_contiguous(memory_format=fmt)

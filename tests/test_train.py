@@ -162,3 +162,17 @@ def test_cli_help_explains_options():
     for opt in ("--model", "--dataset", "--data-root", "--gamma", "--diagonal", "--epochs-later", "--resume",
                 "--subset-per-class", "--deterministic", "--seed"):
         assert opt in out
+
+
+def test_amp_and_compile_paths_train(tiny_cfg):
+    """bf16 autocast and torch.compile (the cheap ``eager`` backend: dynamo tracing, no codegen)
+    run the same protocol; the first epoch's loss stays close to float32's."""
+    one = dict(epochs=1, protocol="single", model_options=dict(num_branches=2, width=0.25, gamma=1.0))
+    ref = pd.read_csv(train(tiny_cfg(name="fp32", **one)) / "history.csv")
+    bf16 = pd.read_csv(train(tiny_cfg(name="bf16", amp="bf16", **one)) / "history.csv")
+    comp = pd.read_csv(train(tiny_cfg(name="comp", compile=True, compile_backend="eager", **one)) / "history.csv")
+    assert len(bf16) == len(comp) == len(ref) == 1
+    assert abs(bf16["train_loss"][0] - ref["train_loss"][0]) < 0.05
+    assert abs(comp["train_loss"][0] - ref["train_loss"][0]) < 1e-4
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
