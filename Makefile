@@ -40,7 +40,7 @@ lab: venv
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: venv
-	$(VPY) -m bench.run_all
+	$(VPY) bench/run_all.py
 
 clean-venv:
 	rm -rf $(VENV)

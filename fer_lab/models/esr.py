@@ -7,6 +7,11 @@ block (ESR*, SPEC section 3); the last CBAM of each branch supplies the maps the
 diversity term compares. ``width`` scales every channel count so the same code runs
 small on a CPU; the paper's model is ``width=1, input_size=96``.
 
+How the branches run is a switch, not a structure: ``branch_execution="loop"`` calls
+each :class:`Branch` in turn, ``"fused"`` runs all of them as grouped convolutions over
+the same parameters and buffers (:mod:`fer_lab.models.fused`); outputs, gradients and
+BatchNorm statistics agree to float rounding.
+
 This file holds the architecture and its loss; the growth protocol (adding a branch
 per stage, learning rates) is the training engine's business.
 """
@@ -22,6 +27,10 @@ from torch import nn
 from ..diversity import DiversityConfig
 from .cbam import CBAM
 from .common import LossOutput, diversity_loss, ensemble_from_logits, multi_head_ce
+from .fused import branch_hooks_registered, fused_branches_forward
+
+#: Ways to run the branches (see :attr:`ESR.branch_execution`).
+BRANCH_EXECUTIONS = ("loop", "fused")
 
 # (in, out, kernel, padding, maxpool-after) for the base and each branch (SPEC section 3).
 BASE_LAYOUT = ((None, 64, 5, 0, False), (64, 128, 3, 0, True), (128, 128, 3, 0, False), (128, 128, 3, 0, True))
@@ -164,16 +173,31 @@ class ESR(nn.Module):
         width: channel multiplier (1.0 = paper).
         input_size: square input side in pixels (96 = paper; at least :data:`MIN_INPUT_SIZE`).
         in_channels: 3 for RGB, 1 for grayscale.
+        branch_execution: ``"loop"`` (call each branch in turn) or ``"fused"`` (all branches
+            at once as grouped convolutions, :func:`~fer_lab.models.fused.fused_branches_forward`).
+            Same parameters, state_dict and results (to float rounding) either way; switch at
+            any time with ``model.branch_execution = "fused"`` (kept in :attr:`config`).
+            ``return_all_attention=True`` works in both. The fused path falls back to the loop
+            while hooks are registered on branch modules (Grad-CAM's).
+            The default stays ``"loop"`` because fused is *slower* on CPU at full width
+            (``bench/branch_execution.py``, 2-core x86 CPU, 96 px, batch 32, channels-last,
+            median of 3): training step (forward, loss, backward, SGD) ESR-9 2.58 s loop vs
+            2.83 s fused, ESR*-9 3.78 s vs 4.40 s; eval forward 0.77 s vs 0.80 s and 1.23 s vs
+            1.26 s - oneDNN's grouped convolutions cost more than the nine separate ones.
+            At quarter width fused is 0-8% faster (ESR*-9 step 0.55 s vs 0.51 s). CUDA not
+            measured: the benchmark times it where a GPU exists; try ``"fused"`` there.
 
     ``forward(x)`` with ``x`` ``(B, in_channels, S, S)`` in ``[0, 1]`` returns :class:`ESROutput`.
     """
 
     family = "esr"
     main_head = "ensemble"
+    _branch_execution = "loop"      # class default: also for ESR objects pickled before the option existed
 
     def __init__(self, num_branches: int = 9, num_classes: int = 8, attention: bool = False,
                  diversity: DiversityConfig | dict | None = None, diversity_source: str | None = None,
-                 width: float = 1.0, input_size: int = 96, in_channels: int = 3, name: str = "esr"):
+                 width: float = 1.0, input_size: int = 96, in_channels: int = 3, name: str = "esr",
+                 branch_execution: str = "loop"):
         super().__init__()
         if int(num_branches) < 1:
             raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
@@ -204,6 +228,7 @@ class ESR(nn.Module):
         self.width = float(width)
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
+        self.branch_execution = branch_execution
         self.base = Base(in_channels, self.width, self.attention)
         self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
 
@@ -232,6 +257,17 @@ class ESR(nn.Module):
         return new
 
     @property
+    def branch_execution(self) -> str:
+        """``"loop"`` or ``"fused"``: how :meth:`forward` runs the branches (settable)."""
+        return self._branch_execution
+
+    @branch_execution.setter
+    def branch_execution(self, value: str) -> None:
+        if value not in BRANCH_EXECUTIONS:
+            raise ValueError(f"branch_execution={value!r}: expected one of {BRANCH_EXECUTIONS}")
+        self._branch_execution = value
+
+    @property
     def config(self) -> dict:
         """JSON-able constructor arguments (current branch count); ``build_model_from_config`` inverts it."""
         return {
@@ -239,6 +275,7 @@ class ESR(nn.Module):
             "num_classes": self.num_classes, "attention": self.attention,
             "diversity": self.diversity.to_dict(), "diversity_source": self.diversity_source,
             "width": self.width, "input_size": self.input_size, "in_channels": self.in_channels,
+            "branch_execution": self.branch_execution,
         }
 
     # ---- forward ------------------------------------------------------------------------
@@ -246,24 +283,47 @@ class ESR(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"ESR expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         shared, base_atts = self.base(x)
+        if self.branch_execution == "fused" and not branch_hooks_registered(self.branches):
+            branch_logits, features, ca, sa, atts = self._fused_branches(shared, return_all_attention)
+        else:
+            branch_logits, features, ca, sa, atts = self._loop_branches(shared)
+        probs, log_probs, counts, votes = ensemble_from_logits(branch_logits)
+        out = ESROutput(branch_logits=branch_logits, probs=probs, logits=log_probs, vote_counts=counts,
+                        votes=votes, features=features)
+        if self.attention:
+            out.channel_attention = ca
+            out.spatial_attention = sa
+            if return_all_attention:
+                out.layer_attention = {f"base.{j}": a for j, a in enumerate(base_atts)}
+                for l, branch_atts in enumerate(atts):
+                    out.layer_attention.update({f"branch{l}.{j}": a for j, a in enumerate(branch_atts)})
+        return out
+
+    def _loop_branches(self, shared: torch.Tensor):
+        """Each branch in turn: ``(logits (L, B, K), features (L, B, C, h, w), last channel
+        attention (L, B, C) | None, last spatial attention (L, B, h, w) | None, per-branch lists
+        of every block's attention)``."""
         logits, feats, atts = [], [], []
         for branch in self.branches:
             lg, f, a = branch(shared)
             logits.append(lg)
             feats.append(f)
             atts.append(a)
-        branch_logits = torch.stack(logits)
-        probs, log_probs, counts, votes = ensemble_from_logits(branch_logits)
-        out = ESROutput(branch_logits=branch_logits, probs=probs, logits=log_probs, vote_counts=counts,
-                        votes=votes, features=torch.stack(feats))
+        ca = sa = None
         if self.attention:
-            out.channel_attention = torch.stack([a[-1][0] for a in atts])
-            out.spatial_attention = torch.stack([a[-1][1] for a in atts])
-            if return_all_attention:
-                out.layer_attention = {f"base.{j}": a for j, a in enumerate(base_atts)}
-                for l, branch_atts in enumerate(atts):
-                    out.layer_attention.update({f"branch{l}.{j}": a for j, a in enumerate(branch_atts)})
-        return out
+            ca = torch.stack([a[-1][0] for a in atts])
+            sa = torch.stack([a[-1][1] for a in atts])
+        return torch.stack(logits), torch.stack(feats), ca, sa, atts
+
+    def _fused_branches(self, shared: torch.Tensor, all_attention: bool):
+        """All branches as grouped convolutions; same return as :meth:`_loop_branches`
+        (the per-block attention lists only when ``all_attention``)."""
+        per_block = [] if all_attention and self.attention else None
+        logits, feats, ca, sa = fused_branches_forward(self.branches, shared, self.attention, per_block)
+        atts = []
+        if per_block is not None:
+            atts = [[(c[l], s[l]) for c, s in per_block] for l in range(self.num_branches)]
+        return logits, feats, ca, sa, atts
 
     # ---- objective ----------------------------------------------------------------------
     def learner_features(self, out: ESROutput) -> dict[str, torch.Tensor]:

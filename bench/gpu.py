@@ -1,0 +1,81 @@
+"""The CUDA benchmarks: diversity term, training step (batch 256, AMP) and inference, in a few minutes.
+
+Run on a machine with a GPU (``python bench/gpu.py``); writes ``bench/results/gpu.json``
+(and ``diversity_speed_cuda.json``). Training step variants per model: float32 NCHW
+(``fp32``), bf16 autocast (``amp``), bf16 + channels-last (``amp_cl``, fer_lab's GPU
+recommendation) and, with ``--compile``, the same under ``torch.compile`` (``amp_cl_compile``).
+
+    python bench/gpu.py [--batch 256] [--reps 10] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as C
+import torch
+
+import diversity_speed
+import inference
+from fer_lab.models import build_model
+
+
+def train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name).cuda()
+    x = torch.rand(batch, 3, 96, 96, device="cuda")
+    y = torch.randint(0, 8, (batch,), device="cuda")
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if compile_ else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            lo = model.loss(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        lo.total.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    t = C.median_time(step, reps=reps, warmup=2, device="cuda")
+    return {"model": name, "batch": batch, "step_s": t["median_s"], "images_per_s": batch / t["median_s"],
+            "first_step_s": first, "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    peak_bf16 = C.matmul_gflops(8192, device="cuda", dtype=torch.bfloat16)
+    div = diversity_speed.main(["--device", "cuda", "--reps", "50"])
+    rows = []
+    variants = [("fp32", False, False, False), ("amp", True, False, False), ("amp_cl", True, True, False)]
+    if args.compile:
+        variants.append(("amp_cl_compile", True, True, True))
+    for name in ("esr9", "esr9_att", "esr9_div"):
+        for label, amp, cl, comp in variants:
+            row = {"variant": label, **train_step(name, args.batch, args.reps, amp, cl, comp)}
+            rows.append(row)
+            print(f"{name:9s} {label:15s} {row['images_per_s']:8.0f} img/s  {row['peak_cuda_mib']:7.0f} MiB", flush=True)
+    best = {n: max((r for r in rows if r["model"] == n), key=lambda r: r["images_per_s"]) for n in ("esr9", "esr9_div")}
+    inf = inference.main(["--device", "cuda", "--reps", "50"])
+    result = {"what": f"CUDA, batch {args.batch}, bf16 autocast where noted", "matmul_bf16_gflops": peak_bf16,
+              "train_rows": rows, "diversity": div["rows"], "inference": inf["rows"],
+              "esr9_div_over_esr9_best_step_time": best["esr9"]["images_per_s"] / best["esr9_div"]["images_per_s"]}
+    C.save("gpu", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Training step of ESR-9, ESR-9 + CBAM and ESR*-9 (96 px, batch 32, SGD): speed, memory, FLOP rate.
+
+Each configuration runs in its own process so its peak resident memory is its own. A step
+is what the engine does per batch: forward, loss (CE of every branch minus the diversity
+terms), backward, SGD update. Variants: ``default`` (fer_lab's training defaults:
+channels-last, float32, branches in a loop), ``nchw``, ``bf16`` (CPU autocast), ``compile``
+(``torch.compile``, inductor; its compile time reported separately) and ``fused`` (the
+fused branch execution, when the model offers it). FLOPs come from PyTorch's FLOP counter
+and are related to the machine's dense matmul throughput.
+
+    python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import _common as C
+import torch
+
+from fer_lab.models import build_model
+
+MODELS = ("esr9", "esr9_att", "esr9_div")
+VARIANTS = ("default", "nchw", "bf16", "compile", "fused")
+
+
+def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) -> dict:
+    """Measure one configuration in this process."""
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(model_name, input_size=size)
+    if variant == "fused":
+        if not hasattr(model, "branch_execution"):
+            return {"skipped": "this fer_lab has no fused branch execution"}
+        model.branch_execution = "fused"
+    model = model.to(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    y = torch.randint(0, 8, (batch,), device=device)
+    if variant != "nchw":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    flops = C.count_flops(model, x[:1], backward=True) * batch
+    model.zero_grad(set_to_none=True)
+    forward = model
+    compile_s = None
+    if variant == "compile":
+        forward = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=variant == "bf16")
+
+    def step():
+        with autocast:
+            out = forward(x)
+            lo = model.loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        lo.total.backward()
+        opt.step()
+        return lo
+
+    if variant == "compile":
+        t0 = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - t0
+    t = C.median_time(step, reps=reps, warmup=1, device=device)
+    # numerics: the loss of the same weights and batch against NCHW, float32, eager, loop
+    torch.manual_seed(0)
+    ref = build_model(model_name, input_size=size).to(device)
+    with torch.no_grad():
+        ref_loss = float(ref.loss(ref(x.contiguous()), y).total)
+    torch.manual_seed(0)
+    fresh = build_model(model_name, input_size=size).to(device)
+    if variant == "fused":
+        fresh.branch_execution = "fused"
+    if variant != "nchw":
+        fresh = fresh.to(memory_format=torch.channels_last)
+    fwd = torch.compile(fresh) if variant == "compile" else fresh
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=variant == "bf16"):
+        var_loss = float(fresh.loss(fwd(x), y).total)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
+    row = {"model": model_name, "variant": variant, "batch": batch, "step_s": t["median_s"],
+           "step_min_s": t["min_s"], "images_per_s": batch / t["median_s"], "flops_per_step": flops,
+           "gflops_per_s": flops / t["median_s"] / 1e9, "peak_rss_mib": peak, "reps": reps}
+    if device == "cuda":
+        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if compile_s is not None:
+        row["compile_s"] = compile_s
+    row["loss_abs_diff_vs_nchw_fp32_eager"] = abs(var_loss - ref_loss)
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(*args.one, args.batch, args.reps)))
+        return {}
+    peak = C.matmul_gflops()
+    rows = []
+    for m in args.models:
+        for v in args.variants:
+            if v != "default" and m != "esr9_div" and v not in ("nchw",):
+                continue   # fast paths are compared on ESR*-9; layouts on every model
+            proc = subprocess.run([sys.executable, __file__, "--one", m, v, "--batch", str(args.batch),
+                                   "--reps", str(args.reps)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"model": m, "variant": v, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if "skipped" in row:
+                rows.append({"model": m, "variant": v, **row})
+                continue
+            row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
+            rows.append(row)
+            print(f"{m:9s} {v:8s} {row['step_s']:.3f} s/step  {row['images_per_s']:6.1f} img/s  "
+                  f"{row['peak_rss_mib']:7.0f} MiB  {row['gflops_per_s']:6.1f} GFLOP/s", flush=True)
+    base = {r["variant"]: r for r in rows if r.get("model") == "esr9" and "step_s" in r}
+    div = {r["variant"]: r for r in rows if r.get("model") == "esr9_div" and "step_s" in r}
+    result = {"what": f"training step, 96 px, batch {args.batch}, SGD; median of {args.reps} after 1 warm-up",
+              "matmul_gflops": peak, "rows": rows, "target": {"esr9_div_over_esr9_step_time": 1.25}}
+    if "default" in base and "default" in div:
+        result["esr9_div_over_esr9_step_time"] = div["default"]["step_s"] / base["default"]["step_s"]
+        best = min((r for r in div.values()), key=lambda r: r["step_s"])
+        result["best_esr9_div_variant"] = best["variant"]
+        result["best_esr9_div_over_esr9_default"] = best["step_s"] / base["default"]["step_s"]
+    C.save("train_step", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
