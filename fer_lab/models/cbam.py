@@ -23,11 +23,11 @@ class _ChannelPool(Function):
 
     @staticmethod
     def forward(ctx, x):
-        flat = x.flatten(2)
-        mx, idx = flat.max(dim=2)
-        ctx.save_for_backward(idx)
+        # adaptive max-pooling's kernel is ~10x faster than max over a flattened channels-last map
+        mx, idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
+        ctx.save_for_backward(idx.flatten(1))
         ctx.x_meta = (x.shape, x.dtype, x.device, _memory_format(x))
-        return flat.mean(dim=2), mx
+        return x.mean(dim=(2, 3)), mx.flatten(1)
 
     @staticmethod
     def backward(ctx, d_avg, d_max):
