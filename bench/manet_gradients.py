@@ -84,7 +84,9 @@ def probe_init(normalize: str, gamma: float, x: torch.Tensor, y: torch.Tensor, s
               "gradnorm_ce": gnorm(lo.ce_total), "terms": {}}
     for term, D in lo.diversity.items():
         f = prepare(feats[term].detach(), normalize).float()
-        d2 = pairwise_sq_distances(f)                       # (pairs, N)
+        full = pairwise_sq_distances(f)                     # (N, L, L)
+        L = full.shape[1]
+        d2 = full[:, ~torch.eye(L, dtype=torch.bool)]       # (N, pairs): off-diagonal entries
         S = lo.similarity[term].detach().double().numpy()
         result["terms"][TERM_ABBREV[term]] = {
             "learners": int(S.shape[0]), "dims": int(f.shape[-1]),

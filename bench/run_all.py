@@ -45,7 +45,9 @@ def report() -> str:
     if ts:
         m = ts["machine"]
         lines += [f"CPU runs: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['date']}; dense float32 "
-                  f"matmul {ts['matmul_gflops']:.0f} GFLOP/s.", ""]
+                  f"matmul {ts['matmul_gflops']:.0f} GFLOP/s"
+                  + (f", bfloat16 {ts['matmul_bf16_gflops']:.0f} GFLOP/s" if "matmul_bf16_gflops" in ts else "")
+                  + ".", ""]
         lines += ["## Training step (96 px, batch 32, SGD)", ""]
         rows = [(r["model"], r["variant"], r.get("step_s"), r.get("images_per_s"), r.get("peak_rss_mib"),
                  r.get("gflops_per_s"), r.get("fraction_of_matmul_peak"), r.get("loss_abs_diff_vs_nchw_fp32_eager"),

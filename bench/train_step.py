@@ -6,7 +6,8 @@ terms), backward, SGD update. Variants: ``default`` (fer_lab's training defaults
 channels-last, float32, branches in a loop), ``nchw``, ``bf16`` (CPU autocast), ``compile``
 (``torch.compile``, inductor; its compile time reported separately) and ``fused`` (the
 fused branch execution, when the model offers it). FLOPs come from PyTorch's FLOP counter
-and are related to the machine's dense matmul throughput.
+and are related to the machine's dense matmul throughput (bf16 rows to its bf16 matmul
+throughput).
 
     python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused]
 """
@@ -99,12 +100,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the measured rows of an existing train_step.json (re-measure a few)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one(*args.one, args.batch, args.reps)))
         return {}
     peak = C.matmul_gflops()
+    peak_bf16 = C.matmul_gflops(dtype=torch.bfloat16)
     rows = []
     for m in args.models:
         for v in args.variants:
@@ -119,14 +123,20 @@ def main(argv=None) -> dict:
             if "skipped" in row:
                 rows.append({"model": m, "variant": v, **row})
                 continue
-            row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
+            row["fraction_of_matmul_peak"] = row["gflops_per_s"] / (peak_bf16 if v == "bf16" else peak)
             rows.append(row)
             print(f"{m:9s} {v:8s} {row['step_s']:.3f} s/step  {row['images_per_s']:6.1f} img/s  "
                   f"{row['peak_rss_mib']:7.0f} MiB  {row['gflops_per_s']:6.1f} GFLOP/s", flush=True)
+    old = C.load("train_step") if args.merge else None
+    if old:
+        measured = {(r["model"], r["variant"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["variant"]) not in measured] + rows
+        rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99,
+                                 VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99))
     base = {r["variant"]: r for r in rows if r.get("model") == "esr9" and "step_s" in r}
     div = {r["variant"]: r for r in rows if r.get("model") == "esr9_div" and "step_s" in r}
     result = {"what": f"training step, 96 px, batch {args.batch}, SGD; median of {args.reps} after 1 warm-up",
-              "matmul_gflops": peak, "rows": rows, "target": {"esr9_div_over_esr9_step_time": 1.25}}
+              "matmul_gflops": peak, "matmul_bf16_gflops": peak_bf16, "rows": rows, "target": {"esr9_div_over_esr9_step_time": 1.25}}
     if "default" in base and "default" in div:
         result["esr9_div_over_esr9_step_time"] = div["default"]["step_s"] / base["default"]["step_s"]
         result["esr9_div_over_esr9_same_variant"] = {v: div[v]["step_s"] / base[v]["step_s"]

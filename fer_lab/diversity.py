@@ -51,6 +51,13 @@ def _check_gamma(gamma: float) -> float:
     return gamma
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every element is finite, in one reduction pass (min and max propagate NaN and
+    carry an infinity) instead of a full-size boolean temporary."""
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _as_learner_batch(features: torch.Tensor, check_finite: bool) -> torch.Tensor:
     """``(L, N, *dims)`` -> ``(L, N, D)`` in float32 (float64 kept), validated."""
     if not torch.is_tensor(features):
@@ -61,24 +68,50 @@ def _as_learner_batch(features: torch.Tensor, check_finite: bool) -> torch.Tenso
     L, N = features.shape[:2]
     if L < 1 or N < 1:
         raise ValueError(f"features need at least one learner and one sample, got L={L}, N={N}")
-    if check_finite and not bool(torch.isfinite(features).all()):
+    if check_finite and not _all_finite(features):
         raise ValueError("features contain NaN or Inf; the similarity matrix would be undefined "
                          "(check the model's activations or the learning rate)")
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     return features.reshape(L, N, -1).to(dtype)
 
 
-def pairwise_sq_distances(features: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared distances between learners.
+class _SquaredDistances(torch.autograd.Function):
+    """``(N, L, D) -> (N, L, L)`` squared distances between the L rows of each sample, with a
+    one-matrix-product backward (see :func:`pairwise_sq_distances`)."""
 
-    ``features`` ``(L, N, D)`` -> ``(P, N)`` for the ``P = L(L-1)/2`` pairs ``l < k``
-    in ``torch.triu_indices(L, L, 1)`` order. Differences are taken explicitly (not
-    through the Gram expansion), so identical learners give exactly 0.
+    @staticmethod
+    def forward(ctx, f):
+        fc = f - f.mean(dim=1, keepdim=True)
+        G = torch.matmul(fc, fc.transpose(1, 2))                        # (N, L, L)
+        sq = G.diagonal(dim1=1, dim2=2)
+        d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * G
+        keep = d2 >= 0
+        ctx.save_for_backward(fc, keep)
+        return d2.clamp_min_(0.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        fc, keep = ctx.saved_tensors
+        g = g * keep
+        gs = g + g.transpose(1, 2)
+        # d2_lk = G_ll + G_kk - 2 G_lk and G = fc fc^T give df = M fc with
+        # M = -2 gs + 2 diag(row sums of gs); M has zero row sums, so centring needs no term
+        M = gs * -2.0
+        M.diagonal(dim1=1, dim2=2).add_(2.0 * gs.sum(dim=2))
+        return torch.matmul(M, fc)
+
+
+def pairwise_sq_distances(features: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared distances between learners: ``(L, N, D) -> (N, L, L)``.
+
+    ``d2[i, l, k] = G_ll + G_kk - 2 G_lk`` from each sample's Gram matrix ``G`` of the
+    learners' features centred on their mean: one batched matrix product forward and one
+    backward instead of ``L^2 x N x D`` differences. Centring leaves distances unchanged and
+    makes the Gram entries as small as the learners' spread, so the cancellation error stays
+    at float round-off relative to ``d2``. Identical learners give exactly 0 (equal rows give
+    bitwise-equal Gram entries); round-off below zero is clamped (no gradient there).
     """
-    L = features.shape[0]
-    rows, cols = torch.triu_indices(L, L, offset=1, device=features.device)
-    diff = features.index_select(0, rows) - features.index_select(0, cols)
-    return diff.pow(2).sum(dim=-1)
+    return _SquaredDistances.apply(features.transpose(0, 1))
 
 
 def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Diagonal = "paper",
@@ -87,10 +120,10 @@ def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Dia
 
     ``S_lk = mean_i exp(-gamma * ||f_l,i - f_k,i||^2)`` for ``features`` of shape
     ``(L, N, *dims)``; returns ``S`` of shape ``(L, L)`` (float32, or float64 for
-    float64 input). ``diagonal="paper"`` gives ``S_ll = 1`` (the paper's formula,
-    symmetric positive semi-definite); ``diagonal="reference"`` sets ``S_ll = 0`` as
-    the authors' public code does, which makes ``det`` change sign with L.
-    Vectorised over pairs and samples; differentiable.
+    float64 input), exactly symmetric. ``diagonal="paper"`` gives ``S_ll = 1`` (the paper's
+    formula, symmetric positive semi-definite); ``diagonal="reference"`` sets ``S_ll = 0``
+    as the authors' public code does, which makes ``det`` change sign with L.
+    Vectorised over pairs and samples (no Python loop); differentiable.
     """
     if diagonal not in ("paper", "reference"):
         raise ValueError(f"diagonal={diagonal!r}: expected 'paper' (unit diagonal) or 'reference' "
@@ -99,11 +132,10 @@ def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Dia
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = _as_learner_batch(features, check_finite)
         L = f.shape[0]
-        off = torch.exp(-gamma * pairwise_sq_distances(f)).mean(dim=1)          # (P,)
-        S = torch.full((L, L), 1.0 if diagonal == "paper" else 0.0, dtype=f.dtype, device=f.device)
-        if L > 1:
-            rows, cols = torch.triu_indices(L, L, offset=1, device=f.device)
-            S = S.index_put((rows, cols), off).index_put((cols, rows), off)
+        K = torch.exp(pairwise_sq_distances(f) * -gamma).mean(dim=0)       # (L, L)
+        K = 0.5 * (K + K.transpose(0, 1))                                    # exact symmetry
+        eye = torch.eye(L, dtype=torch.bool, device=f.device)
+        S = K.masked_fill(eye, 1.0 if diagonal == "paper" else 0.0).to(f.dtype)
     return S
 
 

@@ -202,3 +202,17 @@ def test_config_and_terms():
     assert diversity_terms({"spatial": torch.rand(1, 4, 9), "channel": torch.rand(1, 4, 9)}, cfg) == {}
     with pytest.raises(KeyError, match="branch"):
         diversity_terms(feats, DiversityConfig(terms=("branch",)))
+
+
+def test_pairwise_distances_gradcheck_and_brute_force():
+    from fer_lab.diversity import pairwise_sq_distances
+
+    g = torch.Generator().manual_seed(6)
+    f = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pairwise_sq_distances, (f,))
+    d2 = pairwise_sq_distances(f)
+    brute = torch.stack([torch.stack([((f[l, i] - f[k, i]) ** 2).sum() for l in range(4) for k in range(4)])
+                         .view(4, 4) for i in range(3)])
+    torch.testing.assert_close(d2, brute)
+    same = torch.rand(1, 2, 7).repeat(3, 1, 1)
+    assert torch.equal(pairwise_sq_distances(same), torch.zeros(2, 3, 3))
