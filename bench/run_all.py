@@ -26,6 +26,8 @@ def _fmt(v, digits=2):
     if v is None:
         return "-"
     if isinstance(v, float):
+        if v != 0 and abs(v) < 0.01:
+            return f"{v:.1e}"    # agreement figures: keep their order of magnitude
         return f"{v:,.{digits}f}"
     return str(v)
 
@@ -91,8 +93,10 @@ def report() -> str:
         if g:
             lines += [f"## {title}", "", "```", _short_json(g), "```", ""]
     if not C.load("gpu"):
-        lines += ["`bench/gpu.py` has not been run on a GPU yet: this project's GPU time ran out before it was "
-                  "written; the smoke test above is what was measured.", ""]
+        lines += ["`bench/gpu.py` has not been run on a GPU yet: the session that wrote it had used up its GPU "
+                  "time, and later sessions were not lent a GPU machine; the smoke test above is what was "
+                  "measured (before CBAM's single-node backward, so its esr9_att / esr9_div figures are the "
+                  "older, slower code).", ""]
     return "\n".join(lines)
 
 

@@ -4,17 +4,19 @@ Each configuration runs in its own process so its peak resident memory is its ow
 is what the engine does per batch: forward, loss (CE of every branch minus the diversity
 terms), backward, SGD update. Variants: ``default`` (fer_lab's training defaults:
 channels-last, float32, branches in a loop), ``nchw``, ``bf16`` (CPU autocast), ``compile``
-(``torch.compile``, inductor; its compile time reported separately) and ``fused`` (the
-fused branch execution, when the model offers it). FLOPs come from PyTorch's FLOP counter
-and are related to the machine's dense matmul throughput (bf16 rows to its bf16 matmul
+(``torch.compile``, inductor; its compile time reported separately), ``fused`` (the
+fused branch execution, when the model offers it) and ``malloc`` (the defaults in a process
+whose glibc keeps freed memory instead of returning it to the system, :data:`MALLOC_ENV`).
+FLOPs come from PyTorch's FLOP counter and are related to the machine's dense matmul throughput (bf16 rows to its bf16 matmul
 throughput).
 
-    python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused]
+    python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused malloc]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,7 +28,11 @@ import torch
 from fer_lab.models import build_model
 
 MODELS = ("esr9", "esr9_att", "esr9_div")
-VARIANTS = ("default", "nchw", "bf16", "compile", "fused")
+VARIANTS = ("default", "nchw", "bf16", "compile", "fused", "malloc")
+
+#: glibc settings of the ``malloc`` variant: freed memory stays in the process's heap, so a
+#: fresh large tensor reuses pages already mapped instead of faulting in new ones.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 
 
 def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) -> dict:
@@ -115,7 +121,8 @@ def main(argv=None) -> dict:
             if v not in ("default", "nchw") and m == "esr9_att":
                 continue   # fast paths are compared on ESR-9 and ESR*-9; layouts on every model
             proc = subprocess.run([sys.executable, __file__, "--one", m, v, "--batch", str(args.batch),
-                                   "--reps", str(args.reps)], capture_output=True, text=True)
+                                   "--reps", str(args.reps)], capture_output=True, text=True,
+                                  env={**os.environ, **(MALLOC_ENV if v == "malloc" else {})})
             if proc.returncode != 0:
                 rows.append({"model": m, "variant": v, "error": proc.stderr.strip().splitlines()[-1:]})
                 continue
@@ -123,7 +130,6 @@ def main(argv=None) -> dict:
             if "skipped" in row:
                 rows.append({"model": m, "variant": v, **row})
                 continue
-            row["fraction_of_matmul_peak"] = row["gflops_per_s"] / (peak_bf16 if v == "bf16" else peak)
             rows.append(row)
             print(f"{m:9s} {v:8s} {row['step_s']:.3f} s/step  {row['images_per_s']:6.1f} img/s  "
                   f"{row['peak_rss_mib']:7.0f} MiB  {row['gflops_per_s']:6.1f} GFLOP/s", flush=True)
@@ -133,6 +139,9 @@ def main(argv=None) -> dict:
         rows = [r for r in old["rows"] if (r["model"], r["variant"]) not in measured] + rows
         rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99,
                                  VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99))
+    for r in rows:   # against this run's matmul throughput, merged rows included
+        if "gflops_per_s" in r:
+            r["fraction_of_matmul_peak"] = r["gflops_per_s"] / (peak_bf16 if r["variant"] == "bf16" else peak)
     base = {r["variant"]: r for r in rows if r.get("model") == "esr9" and "step_s" in r}
     div = {r["variant"]: r for r in rows if r.get("model") == "esr9_div" and "step_s" in r}
     result = {"what": f"training step, 96 px, batch {args.batch}, SGD; median of {args.reps} after 1 warm-up",

@@ -186,17 +186,17 @@ def test_registry_and_config_roundtrip():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cbam_fast_path_matches_autograd(channels_last):
-    """The hand-written backward passes of CBAM's gating equal autograd on the plain formulas."""
-    from fer_lab.models.cbam import _ChannelPool, _GateApply, _GateStats
+    """CBAM's single hand-written autograd node equals autograd on the plain formulas:
+    gradcheck in float64 (input and every parameter, gradients flowing in through the
+    refined map and both attention outputs), and float32 against reference_forward."""
+    from fer_lab.models.cbam import _Gating
 
     torch.manual_seed(4)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
-    ca = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
-    sa = torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_ChannelPool.apply, (x,))
-    assert torch.autograd.gradcheck(_GateStats.apply, (x, ca))
-    assert torch.autograd.gradcheck(_GateApply.apply, (x, ca, sa))
+    cbam = CBAM(16, reduction=4).double().train()
+    x = torch.randn(3, 16, 4, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    params = tuple(cbam.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: _Gating.apply(x, cbam, *p), (x, *params))
     cbam = CBAM(32).train()
     inp = torch.relu(torch.randn(4, 32, 9, 7)).contiguous(memory_format=fmt)
     a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
@@ -212,3 +212,28 @@ def test_cbam_fast_path_matches_autograd(channels_last):
     for gf, gr in zip(*grads):
         torch.testing.assert_close(gf, gr, atol=1e-4, rtol=1e-4)
     assert a.grad.is_contiguous(memory_format=fmt)
+    with torch.no_grad():                       # inference takes the same path without recording
+        for f, r in zip(cbam(inp), cbam.reference_forward(inp)):
+            torch.testing.assert_close(f, r, atol=1e-6, rtol=1e-6)
+
+
+def test_cbam_fast_path_partial_gradients():
+    """Frozen gate parameters, an input that needs no gradient, and outputs left unused
+    (only one attention map in the loss) all give autograd's answer."""
+    torch.manual_seed(5)
+    cbam = CBAM(16, reduction=4).train()
+    for p in cbam.channel_gate.parameters():
+        p.requires_grad_(False)
+    x = torch.relu(torch.randn(2, 16, 6, 6))
+    for needs_x, pick in ((True, 1), (True, 2), (False, 2)):   # (False, 1): nothing needs a gradient
+        grads = []
+        for fn in (cbam, cbam.reference_forward):
+            cbam.zero_grad()
+            leaf = x.clone().requires_grad_(needs_x)
+            fn(leaf)[pick].pow(2).sum().backward()
+            grads.append([leaf.grad] + [p.grad for p in cbam.spatial_gate.parameters()])
+        for gf, gr in zip(*grads):
+            if gr is None:
+                assert gf is None
+            else:
+                torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)
