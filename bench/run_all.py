@@ -65,6 +65,15 @@ def report() -> str:
                                              ts.get("esr9_div_over_esr9_same_variant", {}).items()) +
                       ". The published diversified ESR evaluates 4.2x slower than plain ESR (5.24 vs 22.23 "
                       "evaluations/s).", ""]
+        pr = ts.get("paired", {})
+        if "ratio_median" in pr:
+            r = pr["ratio_median"]
+            ok = r.get("esr9_div", 99) <= 1.25
+            lines += [f"Side by side ({pr['what']}): ESR-9 {pr['step_s']['esr9']:.2f} s, " +
+                      ", ".join(f"{m} {pr['step_s'][m]:.2f} s ({r[m]:.2f}x, worst round {pr['ratio_max'][m]:.2f}x)"
+                                for m in r) +
+                      f". ESR*-9 / ESR-9: **{r.get('esr9_div', float('nan')):.2f}x** "
+                      f"(target 1.25x: {'met' if ok else 'not met'}).", ""]
     ds = C.load("diversity_speed")
     if ds:
         lines += ["## Diversity term against the public code's double loop (CPU)", "",

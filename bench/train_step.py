@@ -5,38 +5,40 @@ is what the engine does per batch: forward, loss (CE of every branch minus the d
 terms), backward, SGD update. Variants: ``default`` (fer_lab's training defaults:
 channels-last, float32, branches in a loop), ``nchw``, ``bf16`` (CPU autocast), ``compile``
 (``torch.compile``, inductor; its compile time reported separately), ``fused`` (the
-fused branch execution, when the model offers it) and ``malloc`` (the defaults in a process
-whose glibc keeps freed memory instead of returning it to the system, :data:`MALLOC_ENV`).
-FLOPs come from PyTorch's FLOP counter and are related to the machine's dense matmul throughput (bf16 rows to its bf16 matmul
-throughput).
+fused branch execution, when the model offers it) and ``glibc`` (the defaults, but glibc's
+allocator left as it is: every variant but this one runs, like fer_lab's training, after
+:func:`fer_lab.utils.keep_freed_memory`).
+FLOPs come from PyTorch's FLOP counter and are related to the machine's dense matmul
+throughput (bf16 rows to its bf16 matmul throughput). Then the target's ratio is measured
+again side by side (:func:`paired`: the three models' default steps alternated in one
+process), which a shared machine's drift cannot bias.
 
-    python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused malloc]
+    python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused glibc]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
+import statistics
 import time
 
 import _common as C
 import torch
 
 from fer_lab.models import build_model
+from fer_lab.utils import keep_freed_memory
 
 MODELS = ("esr9", "esr9_att", "esr9_div")
-VARIANTS = ("default", "nchw", "bf16", "compile", "fused", "malloc")
-
-#: glibc settings of the ``malloc`` variant: freed memory stays in the process's heap, so a
-#: fresh large tensor reuses pages already mapped instead of faulting in new ones.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+VARIANTS = ("default", "nchw", "bf16", "compile", "fused", "glibc")
 
 
 def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) -> dict:
     """Measure one configuration in this process."""
+    if variant != "glibc":
+        keep_freed_memory()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,6 +102,44 @@ def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) ->
     return row
 
 
+def paired(models: tuple[str, ...], batch: int, reps: int, size: int = 96) -> dict:
+    """The target's ratio measured side by side: every model built in this one process with
+    fer_lab's training defaults (channels-last, :func:`fer_lab.utils.keep_freed_memory`),
+    their steps alternated (``A B A B ...``), the ratio taken within each round. On a shared
+    machine whose speed drifts by 10-15 % over minutes, separate runs minutes apart can move
+    a ratio by that much; alternating steps cancels the drift."""
+    keep_freed_memory()
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 8, (batch,))
+    steps = {}
+    for name in models:
+        model = build_model(name, input_size=size).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            lo = model.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            lo.total.backward()
+            opt.step()
+        step()   # warm-up
+        steps[name] = step
+    times = {name: [] for name in models}
+    for _ in range(reps):
+        for name in models:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    first = models[0]
+    return {"what": f"steps alternated in one process, {reps} rounds after a warm-up; ratios within each round",
+            "step_s": {m: statistics.median(t) for m, t in times.items()},
+            "times_s": times,
+            "ratio_median": {m: statistics.median(a / b for a, b in zip(times[m], times[first]))
+                             for m in models[1:]},
+            "ratio_max": {m: max(a / b for a, b in zip(times[m], times[first])) for m in models[1:]}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -108,10 +148,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--merge", action="store_true",
                     help="replace only the measured rows of an existing train_step.json (re-measure a few)")
+    ap.add_argument("--paired-reps", type=int, default=8,
+                    help="rounds of the side-by-side ESR-9 / ESR-9 + CBAM / ESR*-9 measurement (0: skip it)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--paired-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one(*args.one, args.batch, args.reps)))
+        return {}
+    if args.paired_only:
+        print(json.dumps(paired(MODELS, args.batch, args.paired_reps)))
         return {}
     peak = C.matmul_gflops()
     peak_bf16 = C.matmul_gflops(dtype=torch.bfloat16)
@@ -121,8 +167,7 @@ def main(argv=None) -> dict:
             if v not in ("default", "nchw") and m == "esr9_att":
                 continue   # fast paths are compared on ESR-9 and ESR*-9; layouts on every model
             proc = subprocess.run([sys.executable, __file__, "--one", m, v, "--batch", str(args.batch),
-                                   "--reps", str(args.reps)], capture_output=True, text=True,
-                                  env={**os.environ, **(MALLOC_ENV if v == "malloc" else {})})
+                                   "--reps", str(args.reps)], capture_output=True, text=True)
             if proc.returncode != 0:
                 rows.append({"model": m, "variant": v, "error": proc.stderr.strip().splitlines()[-1:]})
                 continue
@@ -153,6 +198,16 @@ def main(argv=None) -> dict:
         best = min((r for r in div.values()), key=lambda r: r["step_s"])
         result["best_esr9_div_variant"] = best["variant"]
         result["best_esr9_div_over_esr9_default"] = best["step_s"] / base["default"]["step_s"]
+    if args.paired_reps > 0:
+        proc = subprocess.run([sys.executable, __file__, "--paired-only", "--batch", str(args.batch),
+                               "--paired-reps", str(args.paired_reps)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            result["paired"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print("paired:", {m: round(v, 3) for m, v in result["paired"]["ratio_median"].items()}, flush=True)
+        else:
+            result["paired"] = {"error": proc.stderr.strip().splitlines()[-1:]}
+    elif args.merge and old and "paired" in old:
+        result["paired"] = old["paired"]
     C.save("train_step", result)
     return result
 

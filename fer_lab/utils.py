@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -71,3 +73,30 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
     return device
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for reuse (Linux only).
+
+    By default glibc gives every block above 32 MiB its own ``mmap`` and unmaps it when it
+    is freed, so each large activation of a training step (a 32 x 128 x 90 x 90 float map is
+    132 MB) arrives as fresh pages that fault in one by one: about a third of the cost of a
+    cheap elementwise pass over it. Here ``mmap`` is not used for blocks and the heap is not
+    trimmed, so the next step reuses pages already mapped. Measured on ESR-9 / ESR*-9
+    training steps (``bench/train_step.py``, variant ``glibc``): 5-10 % faster, 15-20 %
+    higher peak resident memory, which stays with the process until it exits. Numbers are
+    unchanged. Process-wide and not undone; returns whether it was applied (``False`` on
+    other platforms or C libraries).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):     # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))

@@ -217,6 +217,24 @@ def test_cbam_fast_path_matches_autograd(channels_last):
             torch.testing.assert_close(f, r, atol=1e-6, rtol=1e-6)
 
 
+def test_cbam_fast_path_under_flop_counter_and_hooks():
+    """Module hooks and FlopCounterMode (whose module tracker hooks every module's inputs)
+    work through CBAM's node, and count its gate networks' FLOPs in both directions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(6)
+    cbam = CBAM(16, reduction=4).train()
+    seen = []
+    cbam.register_full_backward_hook(lambda mod, gin, gout: seen.append(gin[0].shape))
+    x = torch.relu(torch.randn(2, 16, 6, 6)).requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        sum(o.sum() for o in cbam(x)).backward()
+    conv = 2 * 2 * 49 * 2 * 36            # 7x7 conv, 2 -> 1 channels, 2 images of 6x6: 2 FLOPs per MAC
+    mlp = 2 * 4 * (16 * 4 + 4 * 16)       # both layers on 2 x 2 pooled vectors
+    assert counter.get_total_flops() >= 3 * (conv + mlp)   # forward + both backward products
+    assert seen == [torch.Size([2, 16, 6, 6])] and x.grad is not None
+
+
 def test_cbam_fast_path_partial_gradients():
     """Frozen gate parameters, an input that needs no gradient, and outputs left unused
     (only one attention map in the loss) all give autograd's answer."""

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -176,3 +177,42 @@ def test_amp_and_compile_paths_train(tiny_cfg):
     assert abs(comp["train_loss"][0] - ref["train_loss"][0]) < 1e-4
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_keep_freed_memory_stops_one_mmap_per_large_block():
+    """After keep_freed_memory() a 64 MiB tensor comes from the heap, not from its own mmap
+    (glibc's mallinfo2 counts the bytes in mmapped blocks). Run in a fresh interpreter: the
+    setting is process-wide."""
+    code = textwrap.dedent("""
+        import ctypes, json, torch
+        from fer_lab.utils import keep_freed_memory
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+        def mmapped_by_64_mib():
+            before = libc.mallinfo2().hblkhd
+            t = torch.ones(64 * 2 ** 20, dtype=torch.uint8)
+            return libc.mallinfo2().hblkhd - before
+        print(json.dumps([mmapped_by_64_mib(), keep_freed_memory(), mmapped_by_64_mib()]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0 and "mallinfo2" in proc.stderr:
+        pytest.skip("C library without mallinfo2 (not glibc >= 2.33)")
+    assert proc.returncode == 0, proc.stderr
+    default, applied, kept = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert applied is True
+    assert default >= 64 * 2 ** 20 and kept == 0
+
+
+def test_cli_release_freed_memory_flag():
+    """``--release-freed-memory`` turns the allocator setting off; it is not part of a run's
+    identity (a run resumes whichever way it is set)."""
+    from fer_lab.cli import build_parser, config_from_args
+    from fer_lab.train import _VOLATILE
+
+    for argv, expected in ((["train"], True), (["train", "--release-freed-memory"], False)):
+        assert config_from_args(build_parser().parse_args(argv), argv).keep_freed_memory is expected
+    assert "keep_freed_memory" in _VOLATILE

@@ -145,7 +145,12 @@ class ChannelGate(nn.Module):
 
     def gate(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
         """Attention from the pooled vectors ``(B, C)``."""
-        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+        # The layers' own forward is called, not the modules: in training the gate is recorded
+        # inside CBAM's autograd node and differentiated in its backward, where module hooks
+        # (full backward hooks, FlopCounterMode's module tracker) cannot run.
+        first, _, second = self.mlp
+        out = second.forward(F.relu(first.forward(torch.cat([avg, mx]))))
+        return torch.sigmoid(out[:avg.shape[0]] + out[avg.shape[0]:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x.mean(dim=(2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1))
@@ -168,7 +173,7 @@ class SpatialGate(nn.Module):
         # stacked as a channels-last (B, 2, H, W): oneDNN's 2 -> 1 conv is ~5x faster that way
         # (forward + backward) than on the same map in NCHW
         stats = torch.stack([smax, smean], dim=-1).permute(0, 3, 1, 2)
-        return torch.sigmoid(self.bn(self.conv(stats))).squeeze(1)
+        return torch.sigmoid(self.bn.forward(self.conv.forward(stats))).squeeze(1)   # no module hooks: see ChannelGate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x.max(dim=1).values, x.mean(dim=1))
