@@ -216,3 +216,28 @@ def test_pairwise_distances_gradcheck_and_brute_force():
     torch.testing.assert_close(d2, brute)
     same = torch.rand(1, 2, 7).repeat(3, 1, 1)
     assert torch.equal(pairwise_sq_distances(same), torch.zeros(2, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_underflow_floor(dtype):
+    """Pairs far enough apart that exp(-gamma d2) underflows give exactly 0 (the kernel skips
+    exp's slow underflow path); the rest of S, and the gradient, match the plain formula
+    (``torch.exp`` under autograd) and brute force."""
+    from fer_lab.diversity import pairwise_sq_distances
+
+    g = torch.Generator().manual_seed(8)
+    f = (torch.rand(4, 6, 3, generator=g) * 0.3).to(dtype)
+    f[3] += 40.0 if dtype == torch.float64 else 5.0     # learner 3 far from all others in every sample
+    gamma = 10.0
+    leaf_a, leaf_b = f.clone().requires_grad_(), f.clone().requires_grad_()
+    S = similarity_matrix(leaf_a, gamma)
+    plain = torch.exp(pairwise_sq_distances(leaf_b) * -gamma).mean(dim=0)
+    plain = plain.masked_fill(torch.eye(4, dtype=torch.bool), 1.0)
+    assert (gamma * pairwise_sq_distances(f)[:, 3, :3] > -math.log(torch.finfo(dtype).tiny)).all()
+    assert torch.equal(S[3, :3], torch.zeros(3, dtype=dtype)) and torch.equal(S[:3, 3], torch.zeros(3, dtype=dtype))
+    torch.testing.assert_close(S.double(), brute_force_similarity(f, gamma, "paper"), atol=1e-6, rtol=1e-5)
+    w = torch.rand(4, 4, generator=g).to(dtype)
+    (S * w).sum().backward()
+    (plain * w).sum().backward()
+    torch.testing.assert_close(leaf_a.grad, leaf_b.grad, atol=1e-6, rtol=1e-5)
+    assert torch.equal(leaf_a.grad[3], torch.zeros_like(leaf_a.grad[3]))
