@@ -37,7 +37,8 @@ def _gating(x: torch.Tensor, module: "CBAM", record: bool):
         ca_graph = module.channel_gate.gate(*pooled)
     ca = ca_graph.detach()
     out = x * ca.to(x.dtype)[:, :, None, None]
-    smax, idx_c = out.max(dim=1)
+    # the argmax is only needed for a backward pass; amax alone is ~2.5x faster
+    smax, idx_c = out.max(dim=1) if record else (out.amax(dim=1), None)
     stats = [smax.detach().requires_grad_(record), out.mean(dim=1).detach().requires_grad_(record)]
     with torch.set_grad_enabled(record):
         sa_graph = module.spatial_gate.gate(*stats)
