@@ -9,10 +9,12 @@ maps, and the matching backward products) is written out by hand, and only the s
 gate networks are left to autograd. It computes what autograd computes from the plain
 formulas (:meth:`CBAM.reference_forward`; tested with ``gradcheck`` and to 1e-6) in
 about 8 passes over the map forward and 9 backward, with one gradient for the input
-instead of three summed partial ones. On ESR*-9 (40 CBAMs) that took the CPU training
-step from 1.40x to 1.17x plain ESR-9's (``bench/train_step.py``). Under
-``torch.compile`` CBAM runs the plain formulas, which the compiler fuses itself;
-double backward (``create_graph=True``) through the fast node is not supported.
+instead of three summed partial ones. With the spatial gate's conv on a channels-last
+stack it took ESR*-9's (40 CBAMs) CPU training step from 1.40x plain ESR-9's to 1.12-1.21x
+(``bench/train_step.py``). Under ``torch.compile`` CBAM runs the plain formulas: dynamo
+breaks the graph at the node's inner autograd; on a CPU the compiled formulas are slower
+than the eager node (``bench/RESULTS.md``). Double backward (``create_graph=True``)
+through the node is not supported.
 """
 from __future__ import annotations
 
@@ -195,7 +197,7 @@ class CBAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
-            return self.reference_forward(x)    # the compiler fuses the plain formulas itself
+            return self.reference_forward(x)    # dynamo would break the graph at the node's inner autograd
         if not torch.is_grad_enabled():
             return _gating(x, self, record=False)[:3]
         return _Gating.apply(x, self, *self.parameters())
