@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:
 from fer_lab.data import build_dataset, build_transform  # noqa: E402
 from fer_lab.data.cache import unpack_once  # noqa: E402
 from fer_lab.models import build_model, count_parameters  # noqa: E402
+from fer_lab.runs import write_json  # noqa: E402
 
 SHARED = Path(os.environ.get("FER_LAB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 ARCHIVE = SHARED / "ferplus" / "ferplus_train_valid.tar.gz"
@@ -114,16 +114,6 @@ def train_rate(name: str, steps: int, batch: int = 32, size: int = 96, **options
             "input_px": size, "steps_timed": steps, "step_s_median": step, "images_per_s": batch / step}
 
 
-def atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=1024, help="images timed per pipeline configuration")
@@ -186,7 +176,7 @@ def main(argv=None) -> int:
         },
         "seconds": time.perf_counter() - t_start,
     }
-    atomic_json(args.out, out)
+    write_json(args.out, out)
     print(f"wrote {args.out} ({out['seconds']:.0f} s)")
     return 0
 

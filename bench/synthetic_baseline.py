@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fer_lab.data.synthetic import RENDER_VERSION, SyntheticFaces  # noqa: E402
+from fer_lab.runs import write_json  # noqa: E402
 
 
 def load_split(split: str, size: int, difficulty: float, occlusion_rate: float, seed: int,
@@ -121,16 +120,6 @@ def train_cnn(Xtr, ytr, Xva, yva, Xte, yte, epochs: int) -> dict:
             "train_s": round(time.perf_counter() - t0, 1)}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--difficulty", type=float, default=1.0)
@@ -195,7 +184,7 @@ def main(argv=None) -> dict:
         print(f"small CNN ({args.cnn} epochs): val {result['cnn']['val_acc']:.3f} "
               f"test {result['cnn']['test_acc']:.3f} ({result['cnn']['train_s']} s)", flush=True)
     result["total_s"] = round(time.perf_counter() - t_start, 1)
-    write_json_atomic(args.out, result)
+    write_json(args.out, result)
     print(f"wrote {args.out} ({result['total_s']} s)")
     return result
 

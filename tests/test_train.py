@@ -216,3 +216,12 @@ def test_cli_release_freed_memory_flag():
     for argv, expected in ((["train"], True), (["train", "--release-freed-memory"], False)):
         assert config_from_args(build_parser().parse_args(argv), argv).keep_freed_memory is expected
     assert "keep_freed_memory" in _VOLATILE
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path):
+    """Results written atomically get the usual 0644, not mkstemp's owner-only 0600."""
+    import stat
+
+    path = runs.write_json(tmp_path / "r.json", {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert json.loads(path.read_text()) == {"a": 1}

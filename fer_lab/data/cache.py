@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..runs import atomic_write_bytes
 from .errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -91,18 +92,7 @@ def open_cache(path: str | os.PathLike, params: dict[str, Any], n: int | None = 
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
 
 
 def _fill(tmp: str, indices: Sequence[int], decode: Callable[[int], np.ndarray]) -> dict[int, str]:
