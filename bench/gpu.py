@@ -6,6 +6,7 @@ Run on a machine with a GPU (``python bench/gpu.py``); writes ``bench/results/gp
 recommendation) and, with ``--compile``, the same under ``torch.compile`` (``amp_cl_compile``).
 
     python bench/gpu.py [--batch 256] [--reps 10] [--compile]
+    python bench/gpu.py --dry-run      # every step on the CPU, tiny, nothing saved
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import inference
 from fer_lab.models import build_model
 
 
-def train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: bool) -> dict:
+def train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: bool,
+               device: str = "cuda") -> dict:
     torch.manual_seed(0)
-    model = build_model(name).cuda()
-    x = torch.rand(batch, 3, 96, 96, device="cuda")
-    y = torch.randint(0, 8, (batch,), device="cuda")
+    model = build_model(name).to(device)
+    x = torch.rand(batch, 3, 96, 96, device=device)
+    y = torch.randint(0, 8, (batch,), device=device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -32,20 +34,22 @@ def train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             lo = model.loss(fwd(x), y)
         opt.zero_grad(set_to_none=True)
         lo.total.backward()
         opt.step()
 
+    cuda = device == "cuda"
     t0 = time.perf_counter()
     step()
-    torch.cuda.synchronize()
+    C.sync(device)
     first = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    t = C.median_time(step, reps=reps, warmup=2, device="cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = C.median_time(step, reps=reps, warmup=2, device=device)
     return {"model": name, "batch": batch, "step_s": t["median_s"], "images_per_s": batch / t["median_s"],
-            "first_step_s": first, "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+            "first_step_s": first, "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None}
 
 
 def main(argv=None) -> dict:
@@ -53,27 +57,40 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run every step on the CPU at batch 2, one repetition, saving nothing: checks the "
+                         "script itself on a machine without a GPU")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA device")
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        args.batch, args.reps = 2, 1
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA device (--dry-run checks the script on a CPU)")
     torch.backends.cudnn.benchmark = True
-    peak_bf16 = C.matmul_gflops(8192, device="cuda", dtype=torch.bfloat16)
-    div = diversity_speed.main(["--device", "cuda", "--reps", "50"])
+    reps = "1" if args.dry_run else "50"
+    peak_bf16 = C.matmul_gflops(512 if args.dry_run else 8192, device=device, dtype=torch.bfloat16)
+    div = diversity_speed.main(["--device", device, "--reps", reps, "--name", "gpu_dry_run_diversity"])
     rows = []
     variants = [("fp32", False, False, False), ("amp", True, False, False), ("amp_cl", True, True, False)]
     if args.compile:
         variants.append(("amp_cl_compile", True, True, True))
     for name in ("esr9", "esr9_att", "esr9_div"):
         for label, amp, cl, comp in variants:
-            row = {"variant": label, **train_step(name, args.batch, args.reps, amp, cl, comp)}
+            row = {"variant": label, **train_step(name, args.batch, args.reps, amp, cl, comp, device)}
             rows.append(row)
-            print(f"{name:9s} {label:15s} {row['images_per_s']:8.0f} img/s  {row['peak_cuda_mib']:7.0f} MiB", flush=True)
+            print(f"{name:9s} {label:15s} {row['images_per_s']:8.0f} img/s  {row['peak_cuda_mib'] or 0:7.0f} MiB",
+                  flush=True)
     best = {n: max((r for r in rows if r["model"] == n), key=lambda r: r["images_per_s"]) for n in ("esr9", "esr9_div")}
-    inf = inference.main(["--device", "cuda", "--reps", "50"])
+    inf = inference.main(["--device", device, "--reps", reps, "--name", "gpu_dry_run_inference"])
     result = {"what": f"CUDA, batch {args.batch}, bf16 autocast where noted", "matmul_bf16_gflops": peak_bf16,
               "train_rows": rows, "diversity": div["rows"], "inference": inf["rows"],
               "esr9_div_over_esr9_best_step_time": best["esr9"]["images_per_s"] / best["esr9_div"]["images_per_s"]}
-    C.save("gpu", result)
+    if args.dry_run:
+        for name in ("gpu_dry_run_diversity", "gpu_dry_run_inference"):
+            (C.RESULTS / f"{name}.json").unlink(missing_ok=True)
+        print("dry run: every step ran; nothing saved")
+    else:
+        C.save("gpu", result)
     return result
 
 

@@ -38,6 +38,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", default=None, help="results file name (default inference[_cuda])")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     peak = C.matmul_gflops(device=args.device)
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
               f"{row['throughput_b64_img_s']:7.1f} img/s at batch 64", flush=True)
     result = {"what": "eval-mode forward, channels-last, float32, no grad", "device": args.device,
               "matmul_gflops": peak, "rows": rows}
-    C.save("inference" if args.device == "cpu" else "inference_cuda", result)
+    C.save(args.name or ("inference" if args.device == "cpu" else "inference_cuda"), result)
     return result
 
 
