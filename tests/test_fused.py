@@ -62,6 +62,17 @@ def _same_buffers(ma, mb, atol=ATOL):
             torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=lambda m: f"{n}: {m}")
 
 
+def _same_training_step(loop, fused, batch):
+    """One forward and backward of both on ``batch``: outputs, gradients and buffers agree."""
+    x, y = batch
+    oa, ob = loop(x), fused(x)
+    _same_outputs(oa, ob)
+    loop.loss(oa, y).total.backward()
+    fused.loss(ob, y).total.backward()
+    _same_grads(loop, fused)
+    _same_buffers(loop, fused)
+
+
 @pytest.mark.parametrize("name", ["esr9_div", "esr9"])
 @pytest.mark.parametrize("train", [False, True])
 def test_fused_matches_loop(name, train):
@@ -167,13 +178,7 @@ def test_fused_after_add_branch(init):
     torch.manual_seed(5)
     fused.add_branch(init)
     assert fused.num_branches == 3 and fused.branch_execution == "fused"
-    x, y = _batch(size=64)
-    oa, ob = loop(x), fused(x)
-    _same_outputs(oa, ob)
-    loop.loss(oa, y).total.backward()
-    fused.loss(ob, y).total.backward()
-    _same_grads(loop, fused)
-    _same_buffers(loop, fused)
+    _same_training_step(loop, fused, _batch(size=64))
 
 
 def test_state_dict_parameters_and_config_unchanged():
@@ -238,13 +243,7 @@ def test_per_branch_batchnorm_fallback():
         m.branches[1].convs.blocks[0].bn.eval()
         for b in m.branches:
             b.convs.blocks[2].bn.momentum = None
-    x, y = _batch(size=64)
-    oa, ob = loop(x), fused(x)
-    _same_outputs(oa, ob)
-    loop.loss(oa, y).total.backward()
-    fused.loss(ob, y).total.backward()
-    _same_grads(loop, fused)
-    _same_buffers(loop, fused)
+    _same_training_step(loop, fused, _batch(size=64))
 
 
 def test_fused_branches_forward_directly():
