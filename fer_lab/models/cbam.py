@@ -75,9 +75,8 @@ class _Gating(Function):
     attention maps, and the matching backward products) is written out; the small gate
     networks (the channel MLP on ``(B, C)`` vectors; the 7x7 conv and BatchNorm on
     ``(B, 2, H, W)``) are differentiated by autograd inside the backward. One node gives
-    ``x`` one gradient (no sum of three full-size partial gradients), computed in four
-    passes over the map. ``params`` are the module's parameters, passed so that autograd
-    knows this node produces their gradients.
+    ``x`` one gradient (no sum of three full-size partial gradients). ``params`` are the
+    module's parameters, passed so that autograd knows this node produces their gradients.
     """
 
     @staticmethod
@@ -125,14 +124,9 @@ class _Gating(Function):
             if d_smax is not None:
                 at_max = ca.gather(1, idx_c.flatten(1)).view(B, H, W) * d_smax
                 dx.scatter_add_(1, idx_c[:, None], at_max[:, None])
-            dx.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), d_max.to(x.dtype).unsqueeze(2))
+            # view, not flatten: a copy would silently drop the scatter (NCHW and NHWC both view)
+            dx.view(B, C, H * W).scatter_add_(2, idx_hw.unsqueeze(2), d_max.to(x.dtype).unsqueeze(2))
         return (dx, None, *d_channel, *d_spatial)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class ChannelGate(nn.Module):
