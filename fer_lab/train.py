@@ -87,7 +87,7 @@ class TrainConfig:
     (``torch.compile`` the training forward pass with ``compile_backend``; recompiled when a
     branch is added),
     ``keep_freed_memory`` (on a CPU, glibc keeps freed memory for reuse instead of unmapping
-    each large activation: 5-10 % faster steps, more resident memory, see
+    each large activation: 5-18 % faster steps, more resident memory, see
     :func:`fer_lab.utils.keep_freed_memory`; on by default), ``progress`` (tqdm bars),
     ``figures``. ``bench/RESULTS.md`` says which of these pay off on which hardware; only
     ``channels_last`` and ``keep_freed_memory`` are on by default.

@@ -84,10 +84,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc gives every block above 32 MiB its own ``mmap`` and unmaps it when it
     is freed, so each large activation of a training step (a 32 x 128 x 90 x 90 float map is
-    132 MB) arrives as fresh pages that fault in one by one: about a third of the cost of a
-    cheap elementwise pass over it. Here ``mmap`` is not used for blocks and the heap is not
+    132 MB) arrives as fresh pages that fault in one by one: two thirds of the cost of a
+    cheap elementwise product that writes it (33 ms, against 10 ms into reused memory). Here ``mmap`` is not used for blocks and the heap is not
     trimmed, so the next step reuses pages already mapped. Measured on ESR-9 / ESR*-9
-    training steps (``bench/train_step.py``, variant ``glibc``): 5-10 % faster, 15-20 %
+    training steps (``bench/train_step.py``, variant ``glibc``): 5-18 % faster, 6-16 %
     higher peak resident memory, which stays with the process until it exits. Numbers are
     unchanged. Process-wide and not undone; returns whether it was applied (``False`` on
     other platforms or C libraries).
