@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .cam import grad_cam
+from .models.common import NON_DIFFERENTIABLE_HEADS
 
 
 def attention_layers(out) -> list[str]:
@@ -94,7 +95,7 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
             out = model(x.to(device))
             kinds = [("spatial attention", learner_attention(out))]
             if with_grad_cam:
-                heads = [h for h, v in model.heads(out).items() if v.dim() == 2]
+                heads = [h for h in model.heads(out) if h not in NON_DIFFERENTIABLE_HEADS]
                 kinds.append(("Grad-CAM", {h: torch.from_numpy(grad_cam(model, x, h)) for h in heads}))
             for kind, per in kinds:
                 for learner, m in per.items():

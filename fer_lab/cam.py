@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models.common import NON_DIFFERENTIABLE_HEADS
+
 
 class HeadLogits(nn.Module):
     """``forward(x) -> (B, K)`` scores of one head of a fer_lab model (``model.heads(out)[head]``)."""
@@ -27,10 +29,10 @@ class HeadLogits(nn.Module):
         heads = self.model.heads(self.model(x))
         if self.head not in heads:
             raise KeyError(f"model has no head {self.head!r}; heads: {sorted(heads)}")
-        score = heads[self.head]
-        if score.dim() != 2:
-            raise ValueError(f"head {self.head!r} gives class indices, not scores; Grad-CAM needs a (B, K) head")
-        return score
+        if self.head in NON_DIFFERENTIABLE_HEADS:
+            raise ValueError(f"head {self.head!r} is a vote and carries no gradient; Grad-CAM needs a "
+                             f"differentiable head (e.g. the ensemble's or a branch's)")
+        return heads[self.head]
 
 
 def default_layer(model: nn.Module, head: str) -> str:
@@ -86,5 +88,5 @@ def grad_cam_per_learner(model: nn.Module, images: torch.Tensor, targets: Sequen
             model.eval()
             names = list(model.heads(model(images[:1].to(next(model.parameters()).device))))
             model.train(was)
-        heads = [h for h in names if h != "vote"]
+        heads = [h for h in names if h not in NON_DIFFERENTIABLE_HEADS]
     return {h: grad_cam(model, images, h, targets) for h in heads}

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from .diversity import TERMS
-from .train import PRESETS, PROTOCOLS, TrainConfig, train
+from .presets import PRESETS, preset_fields, preset_help
+from .train import PROTOCOLS, TrainConfig, train
 
 #: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, grown one branch per
 #: stage, sized to finish within 10 minutes on 2 CPU cores (README states the measured time).
@@ -77,17 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields; command-line options "
                                                 "override it")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="protocol preset: model, dataset and the paper's optimiser settings (esr_affectnet: ESR "
-                        "growth; manet_rafdb: SGD 0.01, wd 1e-4, StepLR(15, 0.1), batch 128, 100 epochs; "
-                        "manet_affectnet: 20 epochs, StepLR(5, 0.1)); the config file and explicit options "
-                        "override it")
+                   help="a published protocol: model, dataset, protocol and optimiser settings of the script it "
+                        "names (" + preset_help() + "); the config file and explicit options override it")
     g.add_argument("--init-weights", metavar="PATH",
-                   help="initialise the fresh model from this file: MA-Net's MS-Celeb-1M checkpoint, a "
-                        "torchvision ResNet-18 state dict (MA-Net's stem) or a fer_lab checkpoint (best.pt); "
-                        "nothing is downloaded")
+                   help="initialise the fresh model from this file or directory: the official ESR set "
+                        "(directory with Net-Base-Shared_Representations.pt, Net-Branch_1..L.pt), MA-Net's "
+                        "MS-Celeb-1M checkpoint, a torchvision ResNet-18 state dict (MA-Net's stem) or a fer_lab "
+                        "checkpoint (best.pt); nothing is downloaded")
     g.add_argument("--init-partial", action="store_true",
                    help="with --init-weights: load the tensors that match and keep the rest as initialised "
                         "(otherwise any missing, unexpected or reshaped key is an error that lists them)")
+    g.add_argument("--init-new-heads", action="store_true",
+                   help="with --init-weights: keep the model's own classifier heads (e.g. 7 RAF-DB classes from "
+                        "an 8-class AffectNet model)")
+    g.add_argument("--init-channel-order", choices=("rgb", "bgr"), default=d.init_channel_order,
+                   help="official ESR weights: convert the first conv from the official BGR input to RGB "
+                        "(rgb, fer_lab's input everywhere) or keep BGR (then feed BGR images)")
     g.add_argument("--model", default=d.model, help="registered model name (see `python -m fer_lab models`)")
     g.add_argument("--dataset", default=d.dataset, help="dataset name (synthetic needs no files)")
     g.add_argument("--data-root", default=d.data_root, help="directory holding the dataset's files")
@@ -98,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--branches", type=int, help="ESR branch count (default: the variant's, 9 or 15)")
     g.add_argument("--width", type=float, help="channel width multiplier (1.0 = paper; 0.25 runs on a CPU)")
     g.add_argument("--image-size", type=int, default=d.image_size, help="input side in px (default: model's)")
+    g.add_argument("--cbam-position", choices=("after_pool", "before_pool"),
+                   help="ESR*: CBAM after the block's max-pooling (the paper's code, default) or before it")
+    g.add_argument("--decision", choices=("vote", "mean"),
+                   help="ESR's decision, used for model selection: plurality vote (default) or mean softmax")
+    g.add_argument("--diversity-scope", choices=("all", "active"),
+                   help="esr_finetune: the diversity term compares all L branches (the authors' scripts, "
+                        "default) or only the branches trained so far")
     g.add_argument("--model-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other model constructor option (repeatable; VALUE parsed as JSON)")
+                   help="any other model constructor option (repeatable; VALUE parsed as JSON), e.g. the "
+                        "reproduction quirks channel_term_input=\"spatial\" and branch_bn_train_at_test=true")
     g = t.add_argument_group("diversity term")
     g.add_argument("--diversity-terms", type=_terms, help="comma list of spatial,channel,branch or 'none' "
                                                           "(default: the variant's)")
@@ -112,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diversity-weight", type=float, help="weight of each term in the loss (paper: 1)")
     g = t.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
-                   help="esr_growth: one branch per stage (SPEC 3); single: one stage, all parameters")
+                   help="esr_growth: one branch per stage from scratch (SPEC 3); esr_finetune: a trained "
+                        "ensemble fine-tuned one branch per stage (needs --init-weights); single: one stage, "
+                        "all parameters; auto: the model's")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first (or only) stage")
     g.add_argument("--epochs-later", type=int, default=d.epochs_later, help="epochs of each later ESR stage")
     g.add_argument("--lr", type=float, default=d.lr, help="learning rate of the first stage (all parameters)")
@@ -120,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-old", type=float, default=d.lr_old, help="later stages: base and older branches' lr")
     g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR step size (epochs)")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--lr-step-at", choices=("end", "start"), default=d.lr_step_at,
+                   help="step StepLR after each epoch (PyTorch's order) or before it (the public ESR scripts)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer,
                    help="sgd (the papers') or adam (fewer epochs, for CPU-sized studies)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
@@ -132,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise a new ESR branch randomly or as a copy of the last one")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of train held out for model selection when the dataset has no val split")
-    g.add_argument("--train-transform", choices=("esr_train", "manet_train", "eval"),
+    g.add_argument("--train-transform", choices=("esr_train", "rafdb_train", "manet_train", "eval"),
                    help="augmentation preset (default: the model's)")
     g.add_argument("--imagenet-normalize", action="store_true", help="ImageNet mean/std normalisation")
     g.add_argument("--random-erasing", action="store_true", help="append RandomErasing to the train transform")
@@ -231,7 +249,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     """TrainConfig from parsed ``train`` arguments: the ``--preset`` first, then the config file,
     then options given on the command line (those in ``argv`` when given, even at their
     default value, and any whose value differs from the default)."""
-    preset = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    preset = preset_fields(args.preset, {}) if getattr(args, "preset", None) else {}
     base: dict = {}
     if args.config:
         import yaml
@@ -245,7 +263,9 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     model_options.update(dict(args.model_option))
     for key, opt in (("num_branches", "branches"), ("width", "width"), ("gamma", "gamma"),
                      ("diagonal", "diagonal"), ("reduction", "reduction"), ("diversity_terms", "diversity_terms"),
-                     ("diversity_normalize", "diversity_normalize"), ("diversity_weight", "diversity_weight")):
+                     ("diversity_normalize", "diversity_normalize"), ("diversity_weight", "diversity_weight"),
+                     ("cbam_position", "cbam_position"), ("decision", "decision"),
+                     ("diversity_scope", "diversity_scope")):
         if getattr(args, opt) is not None:
             model_options[key] = getattr(args, opt)
     data_options = {**preset.pop("data_options", {}), **(base.pop("data_options", {}) or {})}
@@ -255,6 +275,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         label_space=None if str(args.label_space).lower() == "none" else args.label_space,
         image_size=args.image_size, protocol=args.protocol, epochs=args.epochs, epochs_later=args.epochs_later,
         lr=args.lr, lr_new=args.lr_new, lr_old=args.lr_old, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
+        lr_step_at=args.lr_step_at,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, subset_per_class=args.subset_per_class,
         branch_init=args.branch_init, val_fraction=args.val_fraction, train_transform=args.train_transform,
@@ -263,7 +284,9 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         deterministic=args.deterministic, device=args.device, num_workers=args.workers,
         channels_last=not args.no_channels_last, keep_freed_memory=not args.release_freed_memory,
         progress=not args.no_progress, figures=not args.no_figures,
-        init_weights=args.init_weights, init_partial=args.init_partial, amp=args.amp, compile=args.compile)
+        init_weights=args.init_weights, init_partial=args.init_partial, init_new_heads=args.init_new_heads,
+        init_channel_order=args.init_channel_order, amp=args.amp, compile=args.compile,
+        preset=getattr(args, "preset", None))
     # a config file sets fields the command line left at their defaults
     defaults = TrainConfig().to_dict()
     merged = {**defaults, **preset, **base}

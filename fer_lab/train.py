@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import runs
+from .protocols import PROTOCOLS as _PROTOCOL_CLASSES, Protocol, Stage, make_protocol
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
 from .models.common import TERM_ABBREV
@@ -40,23 +41,10 @@ from .utils import derive_seed, deterministic_mode, flush_denormal, keep_freed_m
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("auto", "esr_growth", "single")
+PROTOCOLS = ("auto", *_PROTOCOL_CLASSES)
+LR_STEP_AT = ("end", "start")
 OPTIMIZERS = ("sgd", "adam")
 AMP_MODES = ("none", "bf16", "fp16")
-#: Protocol presets (SPEC sections 3 and 4) for ``TrainConfig.from_preset(name, **overrides)`` and
-#: the CLI's ``--preset NAME``: the model, dataset and the paper's optimisation settings.
-#: MA-Net trains on every training image (no class-balanced subset), as its public code does.
-PRESETS: dict[str, dict] = {
-    "esr_affectnet": dict(model="esr9_div", dataset="affectnet", protocol="esr_growth", epochs=50,
-                          epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01, lr_step=10, lr_gamma=0.5,
-                          optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=32, subset_per_class=5000),
-    "manet_rafdb": dict(model="manet", dataset="rafdb", protocol="single", epochs=100, lr=0.01, lr_step=15,
-                        lr_gamma=0.1, optimizer="sgd", momentum=0.9, weight_decay=1e-4, batch_size=128,
-                        subset_per_class=None),
-    "manet_affectnet": dict(model="manet", model_options={"num_classes": 8}, dataset="affectnet",
-                            protocol="single", epochs=20, lr=0.01, lr_step=5, lr_gamma=0.1, optimizer="sgd",
-                            momentum=0.9, weight_decay=1e-4, batch_size=128, subset_per_class=None),
-}
 # config keys that may differ between an interrupted run and its resumption
 _VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size", "keep_freed_memory"}
 
@@ -70,14 +58,21 @@ class TrainConfig:
     with ``data_root`` and ``data_options``, ``label_space`` (``"auto"``: the model
     variant's, e.g. ``affectnet8`` for ESR).
 
-    Protocol: ``protocol`` (``auto`` = ``esr_growth`` for ESR, ``single`` otherwise),
+    Protocol: ``protocol`` (``auto`` = the variant's: ``esr_growth`` for ESR, ``single``
+    otherwise; ``esr_finetune`` fine-tunes a trained ESR; see :mod:`fer_lab.protocols`),
     ``epochs`` (first/only stage), ``epochs_later`` (each later ESR stage), ``lr`` (first
-    stage, all parameters), ``lr_new``/``lr_old`` (later ESR stages), StepLR
-    ``lr_step``/``lr_gamma``, ``optimizer`` (``sgd``, the papers'; ``adam`` converges in
+    stage: all parameters, or base + branch 1 in ``esr_finetune``), ``lr_new``/``lr_old``
+    (the branch a later stage trains / everything else; ``esr_finetune``'s stage 1 also
+    puts the other branches at ``lr_old``), StepLR ``lr_step``/``lr_gamma``, rebuilt each
+    stage, stepped at each epoch's ``end`` (PyTorch's order) or ``start`` (``lr_step_at``:
+    the public ESR scripts call ``scheduler.step()`` before each epoch, so the first decay
+    comes one epoch early), ``optimizer`` (``sgd``, the papers'; ``adam`` converges in
     fewer epochs, for CPU-sized studies), SGD ``momentum``, ``weight_decay``, ``batch_size``,
     ``subset_per_class`` (class-balanced subset redrawn each stage; ``None`` = all),
     ``branch_init`` (``random`` or ``copy`` of the last branch), ``val_fraction`` (held out
-    of train, stratified, when the dataset has no validation split).
+    of train, stratified, when the dataset has no validation split). ``preset`` names the
+    preset the run started from (:mod:`fer_lab.presets`; ``config.json`` lists where the run
+    differs from it).
 
     Execution: ``seed``, ``deterministic`` (PyTorch deterministic mode), ``device``
     (``auto``/``cpu``/``cuda``), ``num_workers``, ``channels_last`` (NHWC memory format:
@@ -92,12 +87,15 @@ class TrainConfig:
     ``figures``. ``bench/RESULTS.md`` says which of these pay off on which hardware; only
     ``channels_last`` and ``keep_freed_memory`` are on by default.
 
-    Initialisation: ``init_weights`` (a file the user supplies: MS-Celeb-1M MA-Net checkpoint,
-    torchvision ResNet-18 state dict or a fer_lab checkpoint, see
-    :func:`fer_lab.models.pretrained.load_pretrained`), loaded once into the freshly built
-    model (not on resume, not when a later ESR stage reloads its best checkpoint);
-    ``init_partial`` allows loading only the tensors that match. The load report goes to
-    the run's ``init_weights.json``. Presets: :meth:`from_preset`.
+    Initialisation: ``init_weights`` (a file or directory the user supplies: the official ESR
+    checkpoint set, an MS-Celeb-1M MA-Net checkpoint, a torchvision ResNet-18 state dict or a
+    fer_lab checkpoint, see :func:`fer_lab.models.pretrained.load_pretrained`), loaded once
+    into the freshly built model (not on resume, not when a later stage reloads its best
+    checkpoint); ``init_partial`` allows loading only the tensors that match;
+    ``init_new_heads`` keeps the model's own classifier heads (fine-tuning into another
+    class set, e.g. RAF-DB's 7 classes from an 8-class AffectNet model);
+    ``init_channel_order`` (``rgb``: the official ESR's first conv is converted from BGR).
+    The load report goes to the run's ``init_weights.json``. Presets: :meth:`from_preset`.
     """
 
     model: str = "esr9_div"
@@ -112,6 +110,9 @@ class TrainConfig:
     random_erasing: bool = False
     init_weights: str | None = None
     init_partial: bool = False
+    init_new_heads: bool = False
+    init_channel_order: str = "rgb"
+    preset: str | None = None
 
     name: str | None = None
     output_dir: str = "outputs/runs"
@@ -125,6 +126,7 @@ class TrainConfig:
     lr_old: float = 0.01
     lr_step: int = 10
     lr_gamma: float = 0.5
+    lr_step_at: str = "end"
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -162,6 +164,11 @@ class TrainConfig:
                 problems.append(f"{key}={v!r}: expected a finite learning rate >= 0")
         if not (0 < self.lr_gamma <= 1):
             problems.append(f"lr_gamma={self.lr_gamma!r}: expected a factor in (0, 1]")
+        if self.lr_step_at not in LR_STEP_AT:
+            problems.append(f"lr_step_at={self.lr_step_at!r}: expected 'end' (PyTorch's order: step after each "
+                            "epoch) or 'start' (the public ESR scripts: step before each epoch)")
+        if self.init_channel_order not in ("rgb", "bgr"):
+            problems.append(f"init_channel_order={self.init_channel_order!r}: expected 'rgb' or 'bgr'")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
         if not (0 <= self.momentum < 1):
@@ -199,15 +206,11 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
-        """The protocol preset ``name`` of :data:`PRESETS` with ``overrides`` (any fields) on top;
-        ``model_options`` and ``data_options`` overrides are merged into the preset's."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-        d = {**PRESETS[name], **overrides}
-        for key in ("model_options", "data_options"):
-            if key in PRESETS[name] and key in overrides:
-                d[key] = {**PRESETS[name][key], **(overrides[key] or {})}
-        return cls.from_dict(d)
+        """The preset ``name`` (:data:`fer_lab.presets.PRESETS`) with ``overrides`` (any fields)
+        on top; ``model_options`` and ``data_options`` overrides are merged into the preset's."""
+        from .presets import preset_fields
+
+        return cls.from_dict(preset_fields(name, overrides))
 
     @property
     def run_name(self) -> str:
@@ -219,7 +222,9 @@ MODEL_OPTIONS = {"branches": "num_branches", "width": "width", "attention": "att
                  "diagonal": "diagonal", "reduction": "reduction", "diversity_terms": "diversity_terms",
                  "normalize": "diversity_normalize", "diversity_weight": "diversity_weight",
                  "diversity_source": "diversity_source", "num_classes": "num_classes",
-                 "chain_order": "chain_order"}
+                 "chain_order": "chain_order", "cbam_position": "cbam_position", "decision": "decision",
+                 "diversity_scope": "diversity_scope", "channel_term_input": "channel_term_input",
+                 "branch_bn_train_at_test": "branch_bn_train_at_test"}
 
 
 def config_from_flat(**flat) -> TrainConfig:
@@ -246,24 +251,11 @@ def config_from_flat(**flat) -> TrainConfig:
     return TrainConfig(model_options=model_options, **flat)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage of a protocol: ``branches`` learners, ``epochs`` epochs, learning rates."""
-
-    index: int
-    epochs: int
-    branches: int | None        # ESR branch count during the stage (None: model has no branches to grow)
-    lr_new: float               # lr of the newly added branch (stage 0 / single: every parameter)
-    lr_old: float               # lr of the base and older branches
-
-
-def plan_stages(cfg: TrainConfig, protocol: str, target_branches: int | None) -> list[Stage]:
-    """Stages of ``protocol``: one per ESR branch for ``esr_growth``, one for ``single``."""
-    if protocol == "esr_growth":
-        first = Stage(0, cfg.epochs, 1, cfg.lr, cfg.lr)
-        return [first] + [Stage(s, cfg.epochs_later, s + 1, cfg.lr_new, cfg.lr_old)
-                          for s in range(1, target_branches)]
-    return [Stage(0, cfg.epochs, target_branches, cfg.lr, cfg.lr)]
+def plan_stages(cfg: TrainConfig, protocol: str | None = None) -> list[Stage]:
+    """The stages a run of ``cfg`` goes through (``protocol``: the resolved name; default
+    ``cfg``'s, ``auto`` resolved from the model variant)."""
+    mcfg, _, _, resolved = _resolve(cfg)
+    return make_protocol(protocol or resolved, cfg, mcfg).stages()
 
 
 class Callback:
@@ -493,19 +485,13 @@ def _place(model, device, cfg: TrainConfig):
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def _optimizer(model, stage: Stage, cfg: TrainConfig):
-    if stage.index == 0 or not hasattr(model, "branches"):
-        groups = [{"params": list(model.parameters()), "lr": stage.lr_new, "name": "all"}]
-    else:
-        new = list(model.branches[-1].parameters())
-        new_ids = {id(p) for p in new}
-        old = [p for p in model.parameters() if id(p) not in new_ids]
-        groups = [{"params": old, "lr": stage.lr_old, "name": "base+old branches"},
-                  {"params": new, "lr": stage.lr_new, "name": "new branch"}]
+def _optimizer(groups: list[dict], cfg: TrainConfig):
+    """The configured optimiser over the protocol's parameter groups, and its StepLR."""
+    lr = groups[0]["lr"]
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=stage.lr_new, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(groups, lr=stage.lr_new, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     return opt, sched
 
@@ -525,6 +511,7 @@ def _flatten(prefix: str, scalars: dict) -> dict:
 
 
 def _resolve(cfg: TrainConfig):
+    """``(model config, image size, label space, protocol name)`` of a run."""
     spec = model_spec(cfg.model)
     mcfg = resolve_config(cfg.model, **cfg.model_options)
     image_size = cfg.image_size or mcfg.get("input_size", spec.data.get("input_size", 96))
@@ -532,11 +519,8 @@ def _resolve(cfg: TrainConfig):
         mcfg["input_size"] = image_size
     label_space = spec.data.get("label_space") if cfg.label_space == "auto" else cfg.label_space
     protocol = cfg.protocol
-    growable = "num_branches" in mcfg
     if protocol == "auto":
-        protocol = spec.data.get("protocol", "single") if growable else "single"
-    if protocol == "esr_growth" and not growable:
-        raise ValueError(f"protocol='esr_growth' needs a model with branches to grow; {cfg.model} has none")
+        protocol = spec.data.get("protocol", "single") if "num_branches" in mcfg else "single"
     return mcfg, image_size, label_space, protocol
 
 
@@ -554,16 +538,29 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
         return _train(cfg, resume, list(callbacks))
 
 
-def _fresh_model(cfg: TrainConfig, mcfg: dict, protocol: str):
-    """The model a fresh run starts from (one branch for ESR growth), initialised from
-    ``cfg.init_weights`` when given. Returns ``(model, load report or None)``."""
-    start_cfg = dict(mcfg, num_branches=1) if protocol == "esr_growth" else mcfg
-    model = build_model(cfg.model, **{k: v for k, v in start_cfg.items() if k != "name"})
+def _fresh_model(cfg: TrainConfig, protocol: Protocol):
+    """The model a fresh run starts from (the protocol's start configuration), initialised
+    from ``cfg.init_weights`` when given. Returns ``(model, load report or None)``."""
+    model = build_model(cfg.model, **{k: v for k, v in protocol.start_config().items() if k != "name"})
     if not cfg.init_weights:
         return model, None
     from .models.pretrained import load_pretrained
 
-    return model, load_pretrained(model, cfg.init_weights, allow_partial=cfg.init_partial)
+    return model, load_pretrained(model, cfg.init_weights, allow_partial=cfg.init_partial,
+                                  new_heads=cfg.init_new_heads, channel_order=cfg.init_channel_order)
+
+
+def _preset_record(cfg: TrainConfig) -> dict | None:
+    """``{"name", "differs": {field: [preset value, run value]}}`` for ``config.json``."""
+    if not cfg.preset:
+        return None
+    from .presets import preset_fields
+
+    ref = TrainConfig.from_dict(preset_fields(cfg.preset, {})).to_dict()
+    mine = cfg.to_dict()
+    return {"name": cfg.preset, "differs": {k: [ref[k], v] for k, v in mine.items()
+                                            if k not in _VOLATILE | {"name", "output_dir", "cache_dir", "seed"}
+                                            and ref[k] != v}}
 
 
 def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
@@ -577,7 +574,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
                              + ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, (a, b) in diff.items()))
     else:
         run = None
-    mcfg, image_size, label_space, protocol = _resolve(cfg)
+    mcfg, image_size, label_space, protocol_name = _resolve(cfg)
     device = pick_device(cfg.device)
     if cfg.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
@@ -588,15 +585,16 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
         raise ValueError(f"model {cfg.model} has num_classes={mcfg.get('num_classes')} but dataset "
                          f"{cfg.dataset} (label_space={label_space!r}) has {len(data.classes)} classes "
                          f"{list(data.classes)}; set model_options num_classes or label_space")
-    target_branches = mcfg.get("num_branches")
-    stages = plan_stages(cfg, protocol, target_branches)
+    protocol = make_protocol(protocol_name, cfg, mcfg)
+    stages = protocol.stages()
     # a fresh run builds (and initialises) its model before writing anything, so a bad
     # --init-weights file leaves no half-made run directory behind
-    fresh = _fresh_model(cfg, mcfg, protocol) if not resume else None
+    fresh = _fresh_model(cfg, protocol) if not resume else None
     if run is None:
         run = runs.RunDir.create(cfg.output_dir, cfg.run_name)
-        runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol,
-                                     "stages": [dataclasses.asdict(s) for s in stages],
+        runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol_name,
+                                     "protocol_description": protocol.description,
+                                     "stages": [s.to_dict() for s in stages], "preset": _preset_record(cfg),
                                      "image_size": image_size, "label_space": label_space,
                                      "classes": list(data.classes)})
         runs.write_json(run.dataset, data.describe)
@@ -612,24 +610,22 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
         state.update(ckpt["state"])
         log.info("resuming %s at stage %d after epoch %d", run.path, state["stage"], state["epoch"])
     else:
-        model, init_report = fresh or _fresh_model(cfg, mcfg, protocol)
+        model, init_report = fresh or _fresh_model(cfg, protocol)
         if init_report is not None:
             runs.write_json(run.path / "init_weights.json", init_report)
-        model = _place(model, device, cfg)
+        model = _place(protocol.begin_stage(model, stages[0]), device, cfg)
     t_start = time.perf_counter() - state["elapsed"]
 
     for stage in stages[state["stage"]:]:
         continuing = ckpt is not None and ckpt["state"]["stage"] == stage.index
         if not continuing and stage.index > 0:
-            # begin a later ESR stage: best of the previous stage, plus a new branch
+            # a later stage starts from the previous stage's best checkpoint
             best = runs.load_checkpoint(run.stage_best(stage.index - 1))
             model = build_model_from_config(best["model_config"])
             model.load_state_dict(best["model"])
-            set_seed(derive_seed(cfg.seed, "branch", stage.index))
-            model.add_branch(cfg.branch_init)
-            model = _place(model, device, cfg)
+            model = _place(protocol.begin_stage(model, stage), device, cfg)
             state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
-        optimizer, scheduler = _optimizer(model, stage, cfg)
+        optimizer, scheduler = _optimizer(protocol.param_groups(model, stage), cfg)
         forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
         scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         if continuing:
@@ -645,15 +641,18 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             set_seed(eseed)
             train_loader = _loader(data.train, cfg.batch_size, True, eseed, cfg, device, subset)
             val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
+            if cfg.lr_step_at == "start":
+                _step_before_epoch(scheduler)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             event = {"stage": stage.index, "epoch": epoch, "model": model}
             tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.progress,
                                    f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
                                    callbacks, event, amp=cfg.amp, forward=forward, scaler=scaler)
-            scheduler.step()
+            if cfg.lr_step_at == "end":
+                scheduler.step()
             va, va_sim = run_epoch(model, val_loader, device, progress=False)
             record = {"stage": stage.index, "epoch": epoch, "global_epoch": len(state["history"]),
-                      "num_branches": getattr(model, "num_branches", None),
+                      "num_branches": stage.branches,
                       **{f"lr_{k.replace(' ', '_').replace('+', '_')}": v for k, v in lrs.items()},
                       **_flatten("train", tr), **_flatten("val", va), "time_s": time.perf_counter() - t0}
             state["history"].append(record)
@@ -675,6 +674,16 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
         ckpt = None
 
     return _finish(run, cfg, stages, state, data, device, t_start, callbacks)
+
+
+def _step_before_epoch(scheduler) -> None:
+    """``scheduler.step()`` before the epoch's first optimiser step (``lr_step_at="start"``, the
+    public ESR scripts' order), without PyTorch's warning about that order: it is intended."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 def _plain(state: dict) -> dict:

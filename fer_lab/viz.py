@@ -452,7 +452,7 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
         maps = {k: v.cpu().numpy() for k, v in learner_attention(out).items()}
         if maps:
             classes = run.config.get("classes")
-            heads = {h: v for h, v in model.heads(out).items() if h != "vote"}
+            heads = model.heads(out)
             # one prediction row per column: the branch's own head, else the model's main head
             preds = [(heads.get(k, heads[model.main_head])).argmax(dim=-1).cpu().numpy() for k in maps]
             maps = {k.replace("_", " "): v for k, v in maps.items()}

@@ -94,7 +94,8 @@ def test_split_and_tile_are_inverse():
 def test_chain_order_changes_outputs_not_parameters():
     torch.manual_seed(1)
     a = build_model("manet", input_size=112).eval()
-    b = build_model("manet", input_size=112, chain_order="ascending").eval()
+    assert a.chain_order == "ascending"            # the diversity paper's diversified_manet.py
+    b = build_model("manet", input_size=112, chain_order="descending").eval()
     assert count_parameters(a) == count_parameters(b)
     b.load_state_dict(a.state_dict())                        # same weights, same checkpoint layout
     x = torch.rand(2, 3, 112, 112)
@@ -264,12 +265,13 @@ def test_engine_run_records_manet_columns_and_init_weights(tmp_path, flush_denor
 
 def test_presets_and_cli_preset_option():
     from fer_lab.cli import build_parser, config_from_args
-    from fer_lab.train import PRESETS, TrainConfig
+    from fer_lab.presets import PRESETS
+    from fer_lab.train import TrainConfig
 
     assert set(PRESETS) >= {"esr_affectnet", "manet_rafdb", "manet_affectnet"}
     c = TrainConfig.from_preset("manet_rafdb", epochs=3)
     assert (c.model, c.lr, c.momentum, c.weight_decay, c.lr_step, c.lr_gamma, c.batch_size, c.epochs) == \
-        ("manet", 0.01, 0.9, 1e-4, 15, 0.1, 128, 3)
+        ("manet_div", 0.01, 0.9, 1e-4, 15, 0.1, 128, 3)
     a = TrainConfig.from_preset("manet_affectnet", model_options={"gamma": 1.0})
     assert (a.epochs, a.lr_step, a.model_options) == (20, 5, {"num_classes": 8, "gamma": 1.0})
     e = TrainConfig.from_preset("esr_affectnet")
@@ -280,6 +282,6 @@ def test_presets_and_cli_preset_option():
     argv = ["train", "--preset", "manet_rafdb", "--model", "manet_div", "--batch-size", "32", "--weight-decay", "0",
             "--init-weights", "ms.pth", "--init-partial"]
     c = config_from_args(build_parser().parse_args(argv), argv)
-    assert (c.model, c.dataset, c.batch_size, c.weight_decay, c.lr, c.epochs) == \
-        ("manet_div", "rafdb", 32, 0.0, 0.01, 100)
+    assert (c.model, c.dataset, c.batch_size, c.weight_decay, c.lr, c.epochs, c.preset) == \
+        ("manet_div", "rafdb", 32, 0.0, 0.01, 100, "manet_rafdb")
     assert (c.init_weights, c.init_partial) == ("ms.pth", True)

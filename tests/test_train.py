@@ -41,12 +41,23 @@ def _numbers(run_path):
 
 
 def test_plan_stages():
-    cfg = TrainConfig(epochs=50, epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01)
-    stages = plan_stages(cfg, "esr_growth", 9)
+    cfg = TrainConfig(model="esr9_div", epochs=50, epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01)
+    stages = plan_stages(cfg)
     assert len(stages) == 9 and [s.branches for s in stages] == list(range(1, 10))
     assert stages[0].epochs == 50 and all(s.epochs == 20 for s in stages[1:])
-    assert (stages[0].lr_new, stages[0].lr_old) == (0.1, 0.1) and (stages[3].lr_new, stages[3].lr_old) == (0.1, 0.01)
-    assert len(plan_stages(cfg, "single", 9)) == 1
+    assert stages[0].lrs == {"all": 0.1}
+    assert stages[3].lrs == {"base+old branches": 0.01, "new branch": 0.1}
+    assert len(plan_stages(cfg, "single")) == 1
+    ft = TrainConfig(model="esr9_div", protocol="esr_finetune", init_weights="x.pt", epochs=100, epochs_later=60,
+                     lr=0.1, lr_new=0.1, lr_old=0.02)
+    stages = plan_stages(ft)
+    assert [s.branches for s in stages] == list(range(1, 10)) and [s.epochs for s in stages] == [100] + [60] * 8
+    assert stages[0].lrs == {"base+branch 1": 0.1, "other branches": 0.02}
+    assert stages[5].lrs == {"base+other branches": 0.02, "new branch": 0.1}
+    with pytest.raises(ValueError, match="init_weights"):
+        plan_stages(TrainConfig(model="esr9_div", protocol="esr_finetune"))
+    with pytest.raises(ValueError, match="ESR model"):
+        plan_stages(TrainConfig(model="manet", protocol="esr_growth"))
 
 
 def test_run_directory_and_protocol(tiny_cfg):

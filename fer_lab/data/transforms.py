@@ -13,7 +13,11 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-PRESETS = ("esr_train", "manet_train", "eval")
+PRESETS = ("esr_train", "rafdb_train", "manet_train", "eval")
+#: RandomErasing's area range in the diversity paper's RAF-DB scripts (torchvision's default: 0.02-0.33).
+ERASING_SCALE = (0.02, 0.25)
+#: RandomCrop padding of the RAF-DB scripts (fixed in pixels: 32 at 96 px and at 224 px).
+RAFDB_CROP_PADDING = 32
 
 
 def build_transform(preset: str, size: int = 96, *, normalize: str | None = None,
@@ -21,12 +25,16 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
     """Transform for ``preset`` at ``size`` px.
 
     - ``esr_train``: ColorJitter(brightness 0.5, contrast 0.5), horizontal flip,
-      RandomAffine(30 deg, translate 0.1, scale 1.0-1.25), resize to ``size``.
-    - ``manet_train``: RandomResizedCrop(``size``) and horizontal flip.
+      RandomAffine(30 deg, translate 0.1, scale 1.0-1.25, bilinear), resize to ``size``.
+    - ``rafdb_train`` (the diversity paper's ``esr_rafdb.py`` and ``manet_rafdb.py``): resize to
+      ``size``, horizontal flip, and with probability 0.2 both RandomRotation(20 deg) and
+      RandomCrop(``size``, padding 32).
+    - ``manet_train`` (the original MA-Net): RandomResizedCrop(``size``) and horizontal flip.
     - ``eval``: resize to ``size`` only.
 
     ``normalize="imagenet"`` applies ImageNet mean/std (RAF-DB fine-tuning);
-    ``random_erasing`` appends RandomErasing (train presets only); ``rgb=False`` keeps
+    ``random_erasing`` appends RandomErasing(scale 0.02-0.25, after the normalisation, as the
+    RAF-DB scripts do; train presets only); ``rgb=False`` keeps
     the input's channel count instead of producing 3 channels.
     """
     if preset not in PRESETS:
@@ -41,7 +49,15 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
             v2.Resize((size, size), antialias=True),
             v2.ColorJitter(brightness=0.5, contrast=0.5),
             v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(1.0, 1.25)),
+            # bilinear, as the public scripts ask (torchvision's default is nearest); masks stay nearest
+            v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(1.0, 1.25),
+                            interpolation=v2.InterpolationMode.BILINEAR),
+        ]
+    elif preset == "rafdb_train":
+        ops += [
+            v2.Resize((size, size), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.RandomRotation(20), v2.RandomCrop((size, size), padding=RAFDB_CROP_PADDING)], p=0.2),
         ]
     elif preset == "manet_train":
         ops += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
@@ -51,5 +67,5 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
     if normalize == "imagenet":
         ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     if random_erasing and preset != "eval":
-        ops.append(v2.RandomErasing())
+        ops.append(v2.RandomErasing(scale=ERASING_SCALE))
     return v2.Compose(ops)

@@ -110,10 +110,17 @@ def build_model(name: str, **overrides) -> nn.Module:
 
 
 def build_model_from_config(config: dict) -> nn.Module:
-    """Rebuild a model from its ``model.config`` (e.g. a checkpoint's)."""
+    """Rebuild a model from its ``model.config`` (e.g. a checkpoint's).
+
+    Options a config does not mention take the value they had before the option existed
+    (the class's ``legacy_config``: e.g. an ESR* run written before ``cbam_position`` was added
+    rebuilds with CBAM before the pooling, as it was trained), not today's default.
+    """
     config = dict(config)
     name = config.pop("name")
     config.pop("family", None)
+    for key, value in getattr(model_spec(name).cls, "legacy_config", {}).items():
+        config.setdefault(key, value)
     return build_model(name, **config)
 
 
@@ -126,7 +133,8 @@ def count_parameters(model: nn.Module) -> int:
 _ESR_DATA = {"input_size": 96, "train_transform": "esr_train", "eval_transform": "eval",
              "normalize": None, "protocol": "esr_growth", "label_space": "affectnet8"}
 for _n in (9, 15):
-    _common = dict(num_branches=_n, num_classes=8, input_size=96, in_channels=3, width=1.0)
+    _common = dict(num_branches=_n, num_classes=8, input_size=96, in_channels=3, width=1.0,
+                   cbam_position="after_pool", decision="vote")
     register_model(f"esr{_n}", ESR, f"ESR-{_n}: shared base + {_n} branches, no attention, no diversity",
                    _ESR_DATA, attention=False, diversity={}, **_common)
     register_model(f"esr{_n}_att", ESR, f"ESR-{_n} + CBAM after every conv block",
@@ -140,7 +148,7 @@ for _n in (9, 15):
 # ---- MA-Net family (SPEC section 4) --------------------------------------------------------
 _MANET_DATA = {"input_size": 224, "train_transform": "manet_train", "eval_transform": "eval",
                "normalize": None, "protocol": "single", "label_space": None}
-_manet_common = dict(num_classes=7, input_size=224, chain_order="descending", local_weight=0.6)
+_manet_common = dict(num_classes=7, input_size=224, chain_order="ascending", local_weight=0.6)
 register_model("manet", MANet, "MA-Net: ResNet-18 stem, 4 CBAM patch branches + global multi-scale branch",
                _MANET_DATA, diversity={}, **_manet_common)
 register_model("manet_div", MANet, "MA-Net*: MA-Net + patch spatial, patch channel and branch diversity",

@@ -34,6 +34,9 @@ class LossOutput:
     ce_total: torch.Tensor | None = None
 
 
+#: Heads whose scores carry no gradient (a vote): Grad-CAM and other gradient methods skip them.
+NON_DIFFERENTIABLE_HEADS = ("vote",)
+
 #: Short names of the diversity terms in history columns (``D_sp``, ``S_ch``, ...).
 TERM_ABBREV = {"spatial": "sp", "channel": "ch", "branch": "b"}
 

@@ -31,6 +31,11 @@ from .fused import branch_hooks_registered, fused_branches_forward
 
 #: Ways to run the branches (see :attr:`ESR.branch_execution`).
 BRANCH_EXECUTIONS = ("loop", "fused")
+#: Where CBAM sits in a pooling conv block (see :class:`ConvBlock`).
+CBAM_POSITIONS = ("after_pool", "before_pool")
+#: The ensemble's decision (:attr:`ESR.main_head`): the plurality ``vote`` of the branches
+#: (SPEC section 3, the official ``evaluate()``) or the ``mean`` of their softmax.
+DECISIONS = {"vote": "vote", "mean": "ensemble"}
 
 # (in, out, kernel, padding, maxpool-after) for the base and each branch (SPEC section 3).
 BASE_LAYOUT = ((None, 64, 5, 0, False), (64, 128, 3, 0, True), (128, 128, 3, 0, False), (128, 128, 3, 0, True))
@@ -63,29 +68,41 @@ MIN_INPUT_SIZE = next(s for s in range(8, 256) if min(output_size(s)) >= 1)
 
 
 class ConvBlock(nn.Module):
-    """conv (with bias) -> BatchNorm -> ReLU -> [CBAM] -> [max-pool 2].
+    """conv (with bias) -> BatchNorm -> ReLU, then max-pool 2 (where the layout pools) and
+    CBAM (with attention), in the order ``cbam_position`` says.
 
-    ``forward(x)`` returns ``(y, attention)`` where ``attention`` is ``(channel (B, C),
-    spatial (B, H, W))`` from the CBAM, or ``None`` without attention. CBAM runs before
-    the pooling, at the block's full resolution.
+    - ``"after_pool"`` (the diversity paper's code, default of the ESR* variants):
+      ``cbam(pool(relu(bn(conv(x)))))``: CBAM sees the pooled map;
+    - ``"before_pool"``: ``pool(cbam(relu(bn(conv(x)))))``: CBAM at the block's full resolution.
+
+    Blocks without pooling are the same either way. ``forward(x)`` returns ``(y,
+    attention)`` where ``attention`` is ``(channel (B, C), spatial (B, H, W))`` from the
+    CBAM, or ``None`` without attention. ``out`` (an identity, Grad-CAM's hook point)
+    sits right after the CBAM's place.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, padding: int, pool: bool, attention: bool):
+    def __init__(self, cin: int, cout: int, kernel: int, padding: int, pool: bool, attention: bool,
+                 cbam_position: str = "after_pool"):
         super().__init__()
+        if cbam_position not in CBAM_POSITIONS:
+            raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
         self.conv = nn.Conv2d(cin, cout, kernel, padding=padding)
         self.bn = nn.BatchNorm2d(cout)
         self.cbam = CBAM(cout) if attention else None
-        self.out = nn.Identity()   # the block's feature map before pooling: a hook point (Grad-CAM)
+        self.out = nn.Identity()
         self.pool = nn.MaxPool2d(2, 2) if pool else None
+        self.pool_first = cbam_position == "after_pool"
 
     def forward(self, x: torch.Tensor):
         x = F.relu(self.bn(self.conv(x)), inplace=True)
+        if self.pool is not None and self.pool_first:
+            x = self.pool(x)
         att = None
         if self.cbam is not None:
             x, ca, sa = self.cbam(x)
             att = (ca, sa)
         x = self.out(x)
-        if self.pool is not None:
+        if self.pool is not None and not self.pool_first:
             x = self.pool(x)
         return x, att
 
@@ -93,12 +110,12 @@ class ConvBlock(nn.Module):
 class _Stack(nn.Module):
     """A sequence of ConvBlocks that also collects each block's attention maps."""
 
-    def __init__(self, layout, in_channels: int, width: float, attention: bool):
+    def __init__(self, layout, in_channels: int, width: float, attention: bool, cbam_position: str = "after_pool"):
         super().__init__()
         blocks = []
         for cin, cout, k, p, pool in layout:
             cin = in_channels if cin is None else scaled(cin, width)
-            blocks.append(ConvBlock(cin, scaled(cout, width), k, p, pool, attention))
+            blocks.append(ConvBlock(cin, scaled(cout, width), k, p, pool, attention, cbam_position))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor):
@@ -112,8 +129,9 @@ class _Stack(nn.Module):
 class Base(_Stack):
     """Shared base: ``(B, in_channels, S, S) -> (B, 128w, s, s)`` (``128 x 20 x 20`` at 96 px)."""
 
-    def __init__(self, in_channels: int = 3, width: float = 1.0, attention: bool = False):
-        super().__init__(BASE_LAYOUT, in_channels, width, attention)
+    def __init__(self, in_channels: int = 3, width: float = 1.0, attention: bool = False,
+                 cbam_position: str = "after_pool"):
+        super().__init__(BASE_LAYOUT, in_channels, width, attention, cbam_position)
 
 
 class Branch(nn.Module):
@@ -122,9 +140,10 @@ class Branch(nn.Module):
     ``forward(shared)`` returns ``(logits (B, K), last map (B, 512w, h, w), attentions)``.
     """
 
-    def __init__(self, num_classes: int = 8, width: float = 1.0, attention: bool = False):
+    def __init__(self, num_classes: int = 8, width: float = 1.0, attention: bool = False,
+                 cbam_position: str = "after_pool"):
         super().__init__()
-        self.convs = _Stack(BRANCH_LAYOUT, 0, width, attention)
+        self.convs = _Stack(BRANCH_LAYOUT, 0, width, attention, cbam_position)
         self.fc = nn.Linear(scaled(512, width), num_classes)
 
     def forward(self, shared: torch.Tensor):
@@ -134,18 +153,21 @@ class Branch(nn.Module):
 
 @dataclass
 class ESROutput:
-    """What :class:`ESR` returns. ``L`` branches, batch ``B``, ``K`` classes.
+    """What :class:`ESR` returns. ``L`` branches run, batch ``B``, ``K`` classes; the
+    ensemble is over the first ``k = num_active`` of them (``k = L`` unless a protocol
+    trains the first branches of a larger ensemble, :attr:`ESR.active_branches`).
 
     - ``branch_logits`` ``(L, B, K)``
-    - ``probs`` ``(B, K)``: mean of the branches' softmax
+    - ``probs`` ``(B, K)``: mean of the first ``k`` branches' softmax
     - ``logits`` ``(B, K)``: ``log(probs)``, the ensemble's log-probabilities (usable as logits)
-    - ``vote_counts`` ``(B, K)`` and ``votes`` ``(B,)``: plurality vote of the branches'
-      argmax, ties to the lowest class index
+    - ``vote_counts`` ``(B, K)`` and ``votes`` ``(B,)``: plurality vote of the first ``k``
+      branches' argmax, ties to the lowest class index
     - ``features`` ``(L, B, C, h, w)``: each branch's last map (after its last CBAM)
     - ``spatial_attention`` ``(L, B, h, w)`` / ``channel_attention`` ``(L, B, C)``: each
       branch's last CBAM maps (``None`` without attention)
     - ``layer_attention``: with ``return_all_attention=True``, ``{"base.j" | "branch<l>.j":
       (channel (B, C), spatial (B, H, W))}`` for every CBAM
+    - ``num_active``: ``k``
     """
 
     branch_logits: torch.Tensor
@@ -157,6 +179,7 @@ class ESROutput:
     spatial_attention: torch.Tensor | None = None
     channel_attention: torch.Tensor | None = None
     layer_attention: dict = field(default_factory=dict)
+    num_active: int | None = None
 
 
 class ESR(nn.Module):
@@ -166,10 +189,33 @@ class ESR(nn.Module):
         num_branches: branches built now (the growth protocol adds more with :meth:`add_branch`).
         num_classes: classes per branch head (8 for AffectNet order).
         attention: CBAM after every conv block (ESR*).
+        cbam_position: ``"after_pool"`` (the diversity paper's code: CBAM on the pooled map of
+            a pooling block; default) or ``"before_pool"`` (CBAM at the block's full
+            resolution, fer_lab before 2026-12); see :class:`ConvBlock`. Same parameters.
         diversity: which diversity terms the loss adds (:class:`~fer_lab.diversity.DiversityConfig`).
         diversity_source: ``"attention"`` compares the last CBAM's spatial/channel attention
             (the paper, needs ``attention=True``); ``"features"`` compares the channel- and
             spatially-pooled last feature maps (works without CBAM).
+        channel_term_input: what the ``channel`` term compares with ``diversity_source=
+            "attention"``: ``"channel"`` (the channel attention, as the paper describes; default)
+            or ``"spatial"``: what the authors' ``esr_ferplus.py`` / ``esr_rafdb.py`` compute
+            (their channel formula applied to the spatial maps: each column of a branch's
+            ``h x w`` map is one sample of ``h`` values, so ``S`` averages over ``B * w``
+            samples); a quirk offered only to reproduce them.
+        decision: the ensemble's decision and :attr:`main_head`: ``"vote"`` (plurality vote of
+            the branches, SPEC section 3 and the official ``evaluate()``; default) or ``"mean"``
+            (mean softmax, head ``ensemble``).
+        active_branches: branches in the loss and the ensemble decision: the first ``k`` of
+            the ``num_branches`` built (``None``: all). The fine-tuning protocol trains a
+            9-branch model one branch at a time this way (:mod:`fer_lab.protocols`).
+        diversity_scope: which branches the diversity term compares while ``active_branches <
+            num_branches``: ``"all"`` built branches (the authors' fine-tuning scripts: all L
+            from stage 1; inactive branches still run) or ``"active"`` (the first ``k`` only;
+            inactive branches are not run at all).
+        branch_bn_train_at_test: keep the branches' BatchNorm in training mode when the model
+            is put in eval mode (batch statistics at test time and running statistics updated
+            by evaluation batches): what the public code does by accident (branches in a Python
+            list that ``eval()`` misses). A quirk for reproductions only; default ``False``.
         width: channel multiplier (1.0 = paper).
         input_size: square input side in pixels (96 = paper; at least :data:`MIN_INPUT_SIZE`).
         in_channels: 3 for RGB, 1 for grayscale.
@@ -178,26 +224,25 @@ class ESR(nn.Module):
             Same parameters, state_dict and results (to float rounding) either way; switch at
             any time with ``model.branch_execution = "fused"`` (kept in :attr:`config`).
             ``return_all_attention=True`` works in both. The fused path falls back to the loop
-            while hooks are registered on branch modules (Grad-CAM's).
-            The default stays ``"loop"`` because fused is *slower* on CPU at full width
-            (``bench/branch_execution.py``, 2-core x86 CPU, 96 px, batch 32, channels-last,
-            median of 3): training step (forward, loss, backward, SGD) ESR-9 2.58 s loop vs
-            2.83 s fused, ESR*-9 3.78 s vs 4.40 s; eval forward 0.77 s vs 0.80 s and 1.23 s vs
-            1.26 s - oneDNN's grouped convolutions cost more than the nine separate ones.
-            At quarter width fused is 0-8% faster (ESR*-9 step 0.55 s vs 0.51 s). CUDA not
-            measured: the benchmark times it where a GPU exists; try ``"fused"`` there.
+            while hooks are registered on branch modules (Grad-CAM's). ``loop`` is the default:
+            ``bench/RESULTS.md`` has the measurements.
 
     ``forward(x)`` with ``x`` ``(B, in_channels, S, S)`` in ``[0, 1]`` returns :class:`ESROutput`.
     """
 
     family = "esr"
-    main_head = "ensemble"
     _branch_execution = "loop"      # class default: also for ESR objects pickled before the option existed
+    #: Constructor values of options that did not exist yet when an older run's config was
+    #: written (``build_model_from_config`` fills them in, so old checkpoints rebuild as trained).
+    legacy_config = {"cbam_position": "before_pool", "decision": "mean"}
 
     def __init__(self, num_branches: int = 9, num_classes: int = 8, attention: bool = False,
                  diversity: DiversityConfig | dict | None = None, diversity_source: str | None = None,
                  width: float = 1.0, input_size: int = 96, in_channels: int = 3, name: str = "esr",
-                 branch_execution: str = "loop"):
+                 branch_execution: str = "loop", cbam_position: str = "after_pool",
+                 channel_term_input: str = "channel", decision: str = "vote",
+                 active_branches: int | None = None, diversity_scope: str = "all",
+                 branch_bn_train_at_test: bool = False):
         super().__init__()
         if int(num_branches) < 1:
             raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
@@ -210,6 +255,15 @@ class ESR(nn.Module):
         if int(input_size) < MIN_INPUT_SIZE:
             raise ValueError(f"input_size={input_size!r}: ESR needs at least {MIN_INPUT_SIZE} px "
                              f"(the branch's last map would be empty); the paper uses 96")
+        if cbam_position not in CBAM_POSITIONS:
+            raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
+        if channel_term_input not in ("channel", "spatial"):
+            raise ValueError(f"channel_term_input={channel_term_input!r}: expected 'channel' (the paper) or "
+                             "'spatial' (the authors' FER+/RAF-DB scripts)")
+        if decision not in DECISIONS:
+            raise ValueError(f"decision={decision!r}: expected one of {tuple(DECISIONS)}")
+        if diversity_scope not in ("all", "active"):
+            raise ValueError(f"diversity_scope={diversity_scope!r}: expected 'all' or 'active'")
         self.diversity = diversity if isinstance(diversity, DiversityConfig) else DiversityConfig.from_dict(diversity)
         if diversity_source is None:
             diversity_source = "attention" if attention else "features"
@@ -224,21 +278,59 @@ class ESR(nn.Module):
         self.name = name
         self.num_classes = int(num_classes)
         self.attention = bool(attention)
+        self.cbam_position = cbam_position
         self.diversity_source = diversity_source
+        self.channel_term_input = channel_term_input
+        self.decision = decision
+        self.diversity_scope = diversity_scope
+        self.branch_bn_train_at_test = bool(branch_bn_train_at_test)
         self.width = float(width)
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
         self.branch_execution = branch_execution
-        self.base = Base(in_channels, self.width, self.attention)
+        self.base = Base(in_channels, self.width, self.attention, cbam_position)
         self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
+        self.active_branches = active_branches
 
     # ---- structure ----------------------------------------------------------------------
     def _new_branch(self) -> Branch:
-        return Branch(self.num_classes, self.width, self.attention)
+        return Branch(self.num_classes, self.width, self.attention, self.cbam_position)
 
     @property
     def num_branches(self) -> int:
+        """Branches built."""
         return len(self.branches)
+
+    @property
+    def active_branches(self) -> int | None:
+        """Branches in the loss and the decision (the first ``k``); ``None``: all (settable)."""
+        return self._active
+
+    @active_branches.setter
+    def active_branches(self, k: int | None) -> None:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_branches):
+            raise ValueError(f"active_branches={k!r}: expected None (all) or an int in [1, {self.num_branches}]")
+        self._active = None if k is None or k == self.num_branches else k
+
+    @property
+    def num_active(self) -> int:
+        """``k``: how many of the first branches form the ensemble."""
+        return self.num_branches if self._active is None else self._active
+
+    @property
+    def main_head(self) -> str:
+        """The head model selection and reports use: ``vote`` or ``ensemble`` (``decision``)."""
+        return DECISIONS[self.decision]
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; with ``branch_bn_train_at_test`` the branches' BatchNorm stays in
+        training mode in ``eval()`` (the public code's behaviour, see the class docstring)."""
+        super().train(mode)
+        if not mode and self.branch_bn_train_at_test:
+            for m in self.branches.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(True)
+        return self
 
     def add_branch(self, init: str = "random") -> Branch:
         """Append a branch (on the model's device, in the model's train/eval mode) and return it.
@@ -275,21 +367,34 @@ class ESR(nn.Module):
             "num_classes": self.num_classes, "attention": self.attention,
             "diversity": self.diversity.to_dict(), "diversity_source": self.diversity_source,
             "width": self.width, "input_size": self.input_size, "in_channels": self.in_channels,
-            "branch_execution": self.branch_execution,
+            "branch_execution": self.branch_execution, "cbam_position": self.cbam_position,
+            "channel_term_input": self.channel_term_input, "decision": self.decision,
+            "active_branches": self.active_branches, "diversity_scope": self.diversity_scope,
+            "branch_bn_train_at_test": self.branch_bn_train_at_test,
         }
 
     # ---- forward ------------------------------------------------------------------------
+    def _running(self) -> list[Branch]:
+        """The branches the forward pass runs: all, unless the diversity term covers only the
+        active ones (then the inactive branches are not needed at all)."""
+        k = self.num_active
+        if k < self.num_branches and (self.diversity_scope == "active" or not self.diversity.enabled):
+            return list(self.branches[:k])
+        return list(self.branches)
+
     def forward(self, x: torch.Tensor, return_all_attention: bool = False) -> ESROutput:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"ESR expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         shared, base_atts = self.base(x)
+        branches = self._running()
         if self.branch_execution == "fused" and not branch_hooks_registered(self.branches):
-            branch_logits, features, ca, sa, atts = self._fused_branches(shared, return_all_attention)
+            branch_logits, features, ca, sa, atts = self._fused_branches(branches, shared, return_all_attention)
         else:
-            branch_logits, features, ca, sa, atts = self._loop_branches(shared)
-        probs, log_probs, counts, votes = ensemble_from_logits(branch_logits)
+            branch_logits, features, ca, sa, atts = self._loop_branches(branches, shared)
+        k = self.num_active
+        probs, log_probs, counts, votes = ensemble_from_logits(branch_logits[:k])
         out = ESROutput(branch_logits=branch_logits, probs=probs, logits=log_probs, vote_counts=counts,
-                        votes=votes, features=features)
+                        votes=votes, features=features, num_active=k)
         if self.attention:
             out.channel_attention = ca
             out.spatial_attention = sa
@@ -299,12 +404,12 @@ class ESR(nn.Module):
                     out.layer_attention.update({f"branch{l}.{j}": a for j, a in enumerate(branch_atts)})
         return out
 
-    def _loop_branches(self, shared: torch.Tensor):
+    def _loop_branches(self, branches, shared: torch.Tensor):
         """Each branch in turn: ``(logits (L, B, K), features (L, B, C, h, w), last channel
         attention (L, B, C) | None, last spatial attention (L, B, h, w) | None, per-branch lists
         of every block's attention)``."""
         logits, feats, atts = [], [], []
-        for branch in self.branches:
+        for branch in branches:
             lg, f, a = branch(shared)
             logits.append(lg)
             feats.append(f)
@@ -315,31 +420,41 @@ class ESR(nn.Module):
             sa = torch.stack([a[-1][1] for a in atts])
         return torch.stack(logits), torch.stack(feats), ca, sa, atts
 
-    def _fused_branches(self, shared: torch.Tensor, all_attention: bool):
+    def _fused_branches(self, branches, shared: torch.Tensor, all_attention: bool):
         """All branches as grouped convolutions; same return as :meth:`_loop_branches`
         (the per-block attention lists only when ``all_attention``)."""
         per_block = [] if all_attention and self.attention else None
-        logits, feats, ca, sa = fused_branches_forward(self.branches, shared, self.attention, per_block)
+        logits, feats, ca, sa = fused_branches_forward(branches, shared, self.attention, per_block)
         atts = []
         if per_block is not None:
-            atts = [[(c[l], s[l]) for c, s in per_block] for l in range(self.num_branches)]
+            atts = [[(c[l], s[l]) for c, s in per_block] for l in range(len(branches))]
         return logits, feats, ca, sa, atts
 
     # ---- objective ----------------------------------------------------------------------
     def learner_features(self, out: ESROutput) -> dict[str, torch.Tensor]:
-        """Per-term learner features ``(L, B, ...)`` the diversity term compares."""
+        """Per-term learner features ``(L, B, ...)`` the diversity term compares (every branch
+        the forward pass ran, see ``diversity_scope``)."""
         if self.diversity_source == "attention":
-            return {"spatial": out.spatial_attention, "channel": out.channel_attention}
+            sa = out.spatial_attention
+            if self.channel_term_input == "spatial":
+                # the authors' scripts pass the (L, B, H, W) spatial maps to their channel formula,
+                # which sums squared differences over dim 1 of each learner's (B, H, W) map (the
+                # rows) and averages the kernel over the batch and the columns: B*W samples of H
+                L, B, H, W = sa.shape
+                return {"spatial": sa, "channel": sa.transpose(2, 3).reshape(L, B * W, H)}
+            return {"spatial": sa, "channel": out.channel_attention}
         return {"spatial": out.features.mean(dim=2), "channel": out.features.mean(dim=(3, 4))}
 
     def loss(self, out: ESROutput, target: torch.Tensor) -> LossOutput:
-        """Sum over branches of cross-entropy, minus ``weight * (D_sp + D_ch)`` (the configured terms).
+        """Sum over the active branches of cross-entropy, minus ``weight * (D_sp + D_ch)`` (the
+        configured terms, over the branches ``diversity_scope`` names).
 
         ``target`` is ``(B,)`` class indices or ``(B, K)`` class probabilities (soft labels).
         Diversity is added only with more than one branch. Both terms are always
         reported in ``LossOutput.diversity`` (monitored without gradient when not in the loss).
         """
-        ce = multi_head_ce(out.branch_logits, target)
+        k = out.num_active or out.branch_logits.shape[0]
+        ce = multi_head_ce(out.branch_logits[:k], target)
         return diversity_loss(self.learner_features(out), self.diversity, ("spatial", "channel"),
                               ce.sum(), {f"branch_{l + 1}": c for l, c in enumerate(ce)})
 
@@ -351,8 +466,12 @@ class ESR(nn.Module):
         return layers
 
     def heads(self, out: ESROutput) -> dict[str, torch.Tensor]:
-        """Per-head scores for accuracy: ``ensemble`` (log mean softmax), ``vote`` (class
-        indices), and ``branch_<l>`` logits, all ``(B, K)`` except ``vote`` ``(B,)``."""
-        heads = {"ensemble": out.logits, "vote": out.votes}
-        heads.update({f"branch_{l + 1}": lg for l, lg in enumerate(out.branch_logits)})
+        """Per-head ``(B, K)`` scores whose argmax is the head's decision: ``vote`` (log of each
+        class's share of the active branches' votes; argmax = the plurality vote, ties to the
+        lowest class), ``ensemble`` (log mean softmax) and ``branch_<l>`` logits of the active
+        branches."""
+        k = out.num_active or out.branch_logits.shape[0]
+        shares = out.vote_counts.float() / k
+        heads = {"vote": shares.clamp_min(1e-12).log(), "ensemble": out.logits}
+        heads.update({f"branch_{l + 1}": lg for l, lg in enumerate(out.branch_logits[:k])})
         return heads

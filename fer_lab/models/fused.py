@@ -14,7 +14,7 @@ weights and runs every layer once for all branches,
   BN's own momentum: 0.1 for the conv BNs, 0.01 for CBAM's spatial BN);
 - CBAM: the channel MLP as batched matmuls (``(L, 2B, C)``), channel max/mean over each
   branch's own channel group, the 7x7 spatial conv as a grouped conv (``2L -> L``);
-- max-pool and global average pooling per channel, the ``fc`` heads as a batched matmul.
+- max-pool (before or after the CBAM, as the blocks say) and global average pooling per channel, the ``fc`` heads as a batched matmul.
 
 Gradients flow to the per-branch parameters through the concatenations. (Grouped
 convolutions rather than ``torch.func.stack_module_state`` + ``vmap``: under ``vmap``
@@ -164,13 +164,16 @@ def fused_branches_forward(branches: Sequence[nn.Module], shared: torch.Tensor, 
     for depth, group in enumerate(blocks):
         x = _conv(x, [blk.conv for blk in group], shared_input=depth == 0)
         x = F.relu(_batch_norm(x, [blk.bn for blk in group]), inplace=True)
+        pool = group[0].pool
+        pool_first = getattr(group[0], "pool_first", False)     # CBAM after the pooling (the paper's code)
+        if pool is not None and pool_first:
+            x = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         ca = sa = None
         if attention:
             x, ca, sa = _cbam(x, [blk.cbam for blk in group])
         if all_attention is not None:
             all_attention.append((ca, sa) if attention else None)
-        pool = group[0].pool
-        if pool is not None:
+        if pool is not None and not pool_first:
             x = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
     B, LC, h, w = x.shape
     features = x.unflatten(1, (L, LC // L)).transpose(0, 1)             # (L, B, C, h, w)

@@ -24,12 +24,13 @@ has even sides works (224 px -> 28x28 map -> four 14x14 patches, as in the paper
 
 Chain order of the multi-scale block (``chain_order``): the block splits its channels
 into 4 groups and runs two Res2Net-style chains of 3x3 conv+BN over them. The first
-chain always goes group 1 -> 4. The second goes 4 -> 1 in the authors' current public
-code (``"descending"``, the default: the only version whose two chains see different
-receptive-field orderings, which is what makes the block "multi-scale in both
-directions" as the paper describes) and 1 -> 4 in its 2021 version (``"ascending"``:
-both chains have the same structure and differ only by their weights). The option
-changes outputs, not the parameter count or the checkpoint layout.
+chain always goes group 1 -> 4. The second goes 1 -> 4 as well in the 2021 public code,
+the MS-Celeb-1M checkpoint and the diversity paper's ``diversified_manet.py``
+(``"ascending"``, the default: the version the published numbers come from; both chains
+have the same structure and differ only by their weights), and 4 -> 1 after a 2023
+change to the public code (``"descending"``). The option changes outputs, not the
+parameter count or the checkpoint layout; loading an MS-Celeb-1M checkpoint into a
+``"descending"`` model warns.
 
 This file holds the architecture and its loss; loading MS-Celeb-1M or torchvision
 weights lives in :mod:`fer_lab.models.pretrained`, training in :mod:`fer_lab.train`.
@@ -51,7 +52,7 @@ from .common import LossOutput, diversity_loss, multi_head_ce
 #: top-left, top-right, bottom-left, bottom-right).
 NUM_PATCHES = 4
 PATCH_GRID = 2
-CHAIN_ORDERS = ("descending", "ascending")
+CHAIN_ORDERS = ("ascending", "descending")
 FEATURE_CHANNELS = 512
 
 
@@ -171,7 +172,7 @@ class MultiScaleBlock(nn.Module):
     ``forward(x)``: ``(B, inplanes, H, W) -> (B, planes, ceil(H / stride), ceil(W / stride))``.
     """
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, chain_order: str = "descending",
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, chain_order: str = "ascending",
                  groups: int = 4):
         super().__init__()
         if chain_order not in CHAIN_ORDERS:
@@ -251,7 +252,7 @@ class GlobalBranch(nn.Module):
     ``forward(x)``: ``(B, 128, H, W) -> (B, 512, ceil(H/4), ceil(W/4))`` (7x7 at 224 px).
     """
 
-    def __init__(self, chain_order: str = "descending"):
+    def __init__(self, chain_order: str = "ascending"):
         super().__init__()
         self.layer3 = nn.Sequential(MultiScaleBlock(128, 256, 2, chain_order),
                                     MultiScaleBlock(256, 256, 1, chain_order))
@@ -303,8 +304,9 @@ class MANet(nn.Module):
             features (L = 2). All three are monitored either way.
         input_size: square input side in pixels (224 = paper); any size whose stem map has
             even sides works (see :func:`check_input_size`); inputs are checked at run time.
-        chain_order: the multi-scale block's second chain, ``"descending"`` (current public
-            code, default) or ``"ascending"`` (its 2021 version); see the module docstring.
+        chain_order: the multi-scale block's second chain, ``"ascending"`` (the 2021 public code,
+            the MS-Celeb-1M checkpoint and the diversity paper; default) or ``"descending"`` (the
+            public code since 2023); see the module docstring.
         local_weight: ``w`` in the fusion ``w * local + (1 - w) * global`` and in the loss (0.6).
         cbam_reduction: CBAM's MLP reduction ratio (16). (Not ``reduction``: that flat key
             sets the diversity term's ``det``/``logdet`` in :func:`~fer_lab.models.resolve_config`.)
@@ -316,7 +318,7 @@ class MANet(nn.Module):
     main_head = "fused"
 
     def __init__(self, num_classes: int = 7, diversity: DiversityConfig | dict | None = None,
-                 input_size: int = 224, chain_order: str = "descending", local_weight: float = 0.6,
+                 input_size: int = 224, chain_order: str = "ascending", local_weight: float = 0.6,
                  cbam_reduction: int = 16, name: str = "manet"):
         super().__init__()
         if int(num_classes) < 2:

@@ -1,0 +1,153 @@
+"""Presets: the published training protocols, each named after what it reproduces.
+
+``TrainConfig.from_preset("esr_ferplus", init_weights=..., data_root=...)`` (CLI:
+``--preset esr_ferplus``) gives the model, dataset, protocol, optimiser, schedule, data
+pipeline and batch of the public script the preset names; any field can be overridden.
+:data:`PRESETS` holds for each preset its ``fields`` (TrainConfig fields), the ``script``
+it follows, the ``published`` accuracy it is compared with, and ``differences``: where
+fer_lab deliberately departs from that script (each a documented option when a
+reproduction needs the script's behaviour).
+
+Sources (read in the public repositories, see ``docs/reproduction.md``): the diversity
+paper's code (negarhdr/Diversified-Facial-Expression-Recognition: ``esr_affectnet.py``,
+``esr_ferplus.py``, ``esr_rafdb.py``, ``manet_affectnet.py``, ``manet_ferplus.py``,
+``manet_rafdb.py``), the official ESR (siqueira-hc/...: ``main_affectnet_discrete.py``,
+``main_fer_plus.py``) and the official MA-Net (zengqunzhao/MA-Net: ``main.py``).
+
+Every preset keeps fer_lab's model selection on a validation split (a stratified 10 % of
+train where the dataset has none); the scripts select on the reported split for
+AffectNet and RAF-DB. This file holds numbers only; nothing here trains.
+"""
+from __future__ import annotations
+
+__all__ = ["PRESETS", "preset_fields", "preset_help", "PRESET_NAMES"]
+
+#: Differences from the public scripts shared by every ESR preset.
+_ESR_DIFFERENCES = (
+    "selection on a validation split, not on the reported split (the AffectNet and RAF-DB scripts select on it)",
+    "RGB input (the official ESR weights' first conv is converted from BGR when loaded; "
+    "init_channel_order='bgr' keeps it)",
+    "unit diagonal of S (diagonal='reference' reproduces the scripts' zero diagonal)",
+    "branch BatchNorm in eval mode at test time (model option branch_bn_train_at_test=True reproduces the "
+    "scripts, whose branches in a Python list stay in training mode)",
+    "validation every epoch, best checkpoint on a strict improvement (the scripts keep the later of equal scores)",
+)
+_MANET_DIFFERENCES = (
+    "selection on a validation split, not on the reported split (manet_rafdb.py and the official main.py "
+    "select on the RAF-DB test split)",
+    "unit diagonal of S (diagonal='reference' reproduces the scripts' zero diagonal)",
+)
+
+_ESR_SGD = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=32, lr_step_at="start", image_size=96)
+_ESR_FINETUNE = dict(_ESR_SGD, protocol="esr_finetune", epochs=100, epochs_later=60, lr=0.1, lr_new=0.1,
+                     lr_old=0.02, lr_step=10, lr_gamma=0.75)
+_MANET_SGD = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4, lr=0.01, lr_gamma=0.1, lr_step_at="end",
+                  protocol="single", image_size=224)
+
+PRESETS: dict[str, dict] = {
+    "esr_affectnet": {
+        "fields": dict(_ESR_SGD, model="esr9_div", dataset="affectnet", protocol="esr_growth", epochs=50,
+                       epochs_later=20, lr=0.1, lr_new=0.1, lr_old=0.01, lr_step=10, lr_gamma=0.5,
+                       subset_per_class=5000, train_transform="esr_train"),
+        "script": "esr_affectnet.py (diversity paper, the version with the channel term on the channel "
+                  "attention); official main_affectnet_discrete.py for ESR-9 (--model esr9)",
+        "published": ("esr9_div", "AffectNet-8"),
+        "differences": _ESR_DIFFERENCES,
+    },
+    "esr_ferplus": {
+        "fields": dict(_ESR_FINETUNE, model="esr9_div", dataset="ferplus", data_options={"label_mode": "majority"},
+                       label_space="affectnet8", subset_per_class=5000, train_transform="esr_train"),
+        "script": "esr_ferplus.py (diversity paper, from its AffectNet ESR*-9); official main_fer_plus.py for "
+                  "ESR-9 (--model esr9 with the official weights)",
+        "published": ("esr9_div", "FER+"),
+        "differences": _ESR_DIFFERENCES + (
+            "96 px input as the official main_fer_plus.py (esr_ferplus.py's loader resizes FER+ to 224 px: "
+            "--image-size 224)",
+            "the channel term compares channel attention (esr_ferplus.py computes it on the spatial attention: "
+            "model option channel_term_input='spatial')",
+        ),
+    },
+    "esr_rafdb": {
+        "fields": dict(_ESR_FINETUNE, model="esr9_div", model_options={"num_classes": 7}, dataset="rafdb",
+                       label_space=None, init_new_heads=True, subset_per_class=None, train_transform="rafdb_train",
+                       normalize="imagenet", random_erasing=True),
+        "script": "esr_rafdb.py (diversity paper, from its AffectNet ESR*-9): new 7-class heads, RAF-DB's "
+                  "native class order",
+        "published": ("esr9_div", "RAF-DB"),
+        "differences": _ESR_DIFFERENCES + (
+            "the channel term compares channel attention (esr_rafdb.py computes it on the spatial attention: "
+            "model option channel_term_input='spatial'; as stored, esr_rafdb.py stops at its first forward pass)",
+        ),
+    },
+    "manet_affectnet": {
+        "fields": dict(_MANET_SGD, model="manet_div", model_options={"num_classes": 8}, dataset="affectnet",
+                       epochs=20, lr_step=5, batch_size=128, subset_per_class=5000, train_transform="esr_train"),
+        "script": "manet_affectnet.py (diversity paper): 5,000 faces per class drawn once, ESR's augmentation",
+        "published": ("manet_div", "AffectNet-8"),
+        "differences": _MANET_DIFFERENCES,
+    },
+    "manet_ferplus": {
+        "fields": dict(_MANET_SGD, model="manet_div", model_options={"num_classes": 8}, dataset="ferplus",
+                       data_options={"label_mode": "majority"}, label_space="affectnet8", epochs=100, lr_step=15,
+                       batch_size=32, subset_per_class=5000, train_transform="esr_train"),
+        "script": "manet_ferplus.py (diversity paper): batch 32 (hard-coded there), 5,000 faces per class "
+                  "drawn once, ESR's augmentation at 224 px",
+        "published": ("manet_div", "FER+"),
+        "differences": _MANET_DIFFERENCES,
+    },
+    "manet_rafdb": {
+        "fields": dict(_MANET_SGD, model="manet_div", dataset="rafdb", label_space=None, epochs=100, lr_step=15,
+                       batch_size=128, subset_per_class=None, train_transform="rafdb_train", normalize="imagenet",
+                       random_erasing=True),
+        "script": "manet_rafdb.py (diversity paper): every training face, rotation/crop, ImageNet "
+                  "normalisation, RandomErasing",
+        "published": ("manet_div", "RAF-DB"),
+        "differences": _MANET_DIFFERENCES,
+    },
+    "manet_rafdb_original": {
+        "fields": dict(_MANET_SGD, model="manet", dataset="rafdb", label_space=None, epochs=100, lr_step=15,
+                       batch_size=128, subset_per_class=None, train_transform="manet_train"),
+        "script": "official MA-Net main.py: RandomResizedCrop(224) + flip, no normalisation",
+        "published": ("manet", "RAF-DB", "original"),
+        "differences": _MANET_DIFFERENCES[:1],
+    },
+    "manet_affectnet_original": {
+        "fields": dict(_MANET_SGD, model="manet", model_options={"num_classes": 8}, dataset="affectnet", epochs=20,
+                       lr_step=5, batch_size=128, subset_per_class=None, train_transform="manet_train"),
+        "script": "the MA-Net paper's AffectNet protocol (no public script: the official repository trains "
+                  "RAF-DB only); main.py's pipeline with 20 epochs and StepLR(5, 0.1)",
+        "published": ("manet", "AffectNet-8", "original"),
+        "differences": ("selection on a validation split (the paper reports the validation set it selects on)",),
+    },
+}
+PRESET_NAMES = tuple(PRESETS)
+
+
+def preset_fields(name: str, overrides: dict | None = None) -> dict:
+    """TrainConfig fields of preset ``name`` with ``overrides`` on top (``model_options`` and
+    ``data_options`` merged key by key) and ``preset=name``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    base = PRESETS[name]["fields"]
+    overrides = dict(overrides or {})
+    d = {**base, **overrides, "preset": name}
+    for key in ("model_options", "data_options"):
+        if key in base and key in overrides:
+            d[key] = {**base[key], **(overrides[key] or {})}
+        elif key in base:
+            d[key] = dict(base[key])
+    return d
+
+
+def published_accuracy(name: str) -> float | None:
+    """The published accuracy (%) the preset ``name`` is compared with (SPEC section 6)."""
+    from .report import PUBLISHED, PUBLISHED_ORIGINAL
+
+    model, column, *original = PRESETS[name]["published"]
+    table = PUBLISHED_ORIGINAL if original else PUBLISHED
+    return table.get(model, {}).get(column)
+
+
+def preset_help() -> str:
+    """One line per preset for ``--help``."""
+    return "; ".join(f"{n}: {p['script'].split(' (')[0].split(':')[0]}" for n, p in PRESETS.items())
