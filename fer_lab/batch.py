@@ -17,8 +17,16 @@ Sweep file::
     timeout: 3600                       # per-cell execution timeout in seconds
     run_name: "{model}-s{seed}"         # optional; default: the grid values joined
     required: [data_root]               # optional; parameters that must be given (--set)
+    preset: esr_ferplus                 # optional; a fer_lab.presets entry that fills the parameters
     fixed: {dataset: synthetic, epochs: 2}
     grid: {model: [esr9, esr9_div], seed: [0, 1, 2]}
+
+A string in ``fixed`` may name other parameters in braces (``init_weights:
+/models/{model}/best.pt``): each grid point fills them in. Parameters of a grid point,
+later ones winning: the notebook's defaults, the ``preset``'s
+fields (as the notebook's parameters, the rest in its ``train_options``), ``fixed``, the
+grid point. Dict-valued parameters (``model_options``, ``data_options``,
+``train_options``) are merged key by key.
 """
 from __future__ import annotations
 
@@ -42,7 +50,9 @@ log = logging.getLogger(__name__)
 KERNEL = "fer_lab"
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 STATUS_FILE = "batch_status.json"
-_SWEEP_KEYS = {"name", "notebook", "output_dir", "timeout", "run_name", "fixed", "grid", "kernel", "required"}
+_SWEEP_KEYS = {"name", "notebook", "output_dir", "timeout", "run_name", "fixed", "grid", "kernel", "required",
+               "preset"}
+_MERGED = ("model_options", "data_options", "train_options")
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Sweep:
     run_name: str | None = None
     kernel: str = KERNEL
     required: list = field(default_factory=list)
+    preset: str | None = None
 
     def check_required(self) -> None:
         """Every ``required`` parameter must have a value (in fixed, e.g. via ``--set``, or grid)."""
@@ -70,9 +81,11 @@ class Sweep:
         """``(run name, parameters)`` of every grid point, in grid order."""
         keys = list(self.grid)
         out, seen = [], set()
+        base = self.preset_parameters()
         for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
             point = dict(zip(keys, values))
-            params = {**self.fixed, **point}
+            params = _merge(base, self.fixed, point)
+            params = {k: self._fill(k, v, params) for k, v in params.items()}
             if self.run_name:
                 try:
                     name = self.run_name.format(**params)
@@ -89,9 +102,42 @@ class Sweep:
             out.append((name, params))
         return out
 
+    def _fill(self, key: str, value, params: dict):
+        """A fixed string parameter with ``{grid key}`` placeholders filled in for this point
+        (e.g. ``init_weights: /models/{model}/best.pt``)."""
+        if not (isinstance(value, str) and "{" in value and key in self.fixed):
+            return value
+        try:
+            return value.format(**params)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"sweep {self.name}: parameter {key}={value!r} has a placeholder that is not a "
+                             f"parameter ({err})") from None
+
+    def preset_parameters(self) -> dict:
+        """The ``preset``'s fields as parameters of this sweep's notebook (empty without a preset)."""
+        if not self.preset:
+            return {}
+        import papermill
+
+        from .presets import notebook_parameters
+
+        return notebook_parameters(self.preset, set(papermill.inspect_notebook(str(self.notebook))))
+
     @property
     def directory(self) -> Path:
         return self.output_dir / self.name
+
+
+def _merge(*layers: dict) -> dict:
+    """Later layers win; the dict-valued parameters of ``_MERGED`` are merged key by key."""
+    out: dict = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if k in _MERGED and isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
 
 
 def load_sweep(path) -> Sweep:
@@ -130,9 +176,15 @@ def load_sweep(path) -> Sweep:
     timeout = data.get("timeout", 3600)
     if not isinstance(timeout, int) or timeout < 1:
         raise ValueError(f"{path}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+    preset = data.get("preset")
+    if preset is not None:
+        from .presets import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(f"{path}: unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
     return Sweep(name=str(data["name"]), notebook=notebook, output_dir=out.resolve(), fixed=fixed, grid=grid,
                  timeout=timeout, run_name=data.get("run_name"), kernel=data.get("kernel", KERNEL),
-                 required=list(data.get("required") or []))
+                 required=list(data.get("required") or []), preset=preset)
 
 
 def check_kernel(name: str = KERNEL) -> None:
@@ -197,8 +249,11 @@ def _summary_row(name: str, params: dict, run_dir: Path) -> dict:
     if (run_dir / "metrics.json").is_file():
         m = read_json(run_dir / "metrics.json")
         head = m["selected"]["head"]
-        row.update(head=head, val_acc=m["selected"]["val_score"],
-                   test_acc=m.get("test", {}).get(f"acc_{head}"))
+        test = m.get("test", {})
+        row.update(head=head, val_acc=m["selected"]["val_score"], test_acc=test.get(f"acc_{head}"))
+        # the ensemble's other decisions beside the selected one (ESR: vote and softmax mean)
+        row.update({f"test_{k}": v for k, v in test.items() if k.startswith("acc_") and not k.startswith("acc_branch")
+                    and k != f"acc_{head}"})
         row.update({f"test_{k}": v for k, v in m.get("test", {}).items() if k.startswith("D_")})
     return row
 
@@ -218,7 +273,7 @@ def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: boo
     points = sweep.points()
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_json(sweep.directory / "sweep.json", {"name": sweep.name, "notebook": str(sweep.notebook),
-                                               "fixed": sweep.fixed, "grid": sweep.grid, "timeout": sweep.timeout,
+                                               "preset": sweep.preset, "fixed": sweep.fixed, "grid": sweep.grid, "timeout": sweep.timeout,
                                                "runs": [n for n, _ in points]})
     summary = sweep.directory / "summary.csv"
     lock = threading.Lock()

@@ -230,7 +230,7 @@ def run_data_check(args: argparse.Namespace) -> int:
 #: ``train`` options whose TrainConfig field has another name (or is the inverse flag).
 _DEST_FIELD = {"workers": "num_workers", "no_channels_last": "channels_last",
                "release_freed_memory": "keep_freed_memory", "no_progress": "progress",
-               "no_figures": "figures", "imagenet_normalize": "normalize"}
+               "no_figures": "figures", "imagenet_normalize": "image_normalize"}
 
 
 def _given_fields(argv) -> set[str]:
@@ -279,7 +279,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, subset_per_class=args.subset_per_class,
         branch_init=args.branch_init, val_fraction=args.val_fraction, train_transform=args.train_transform,
-        normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
+        image_normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
         name=args.name, output_dir=args.output_dir, cache_dir=args.cache_dir, seed=args.seed,
         deterministic=args.deterministic, device=args.device, num_workers=args.workers,
         channels_last=not args.no_channels_last, keep_freed_memory=not args.release_freed_memory,

@@ -20,7 +20,7 @@ AffectNet and RAF-DB. This file holds numbers only; nothing here trains.
 """
 from __future__ import annotations
 
-__all__ = ["PRESETS", "preset_fields", "preset_help", "PRESET_NAMES"]
+__all__ = ["PRESETS", "preset_fields", "preset_help", "PRESET_NAMES", "notebook_parameters", "published_accuracy"]
 
 #: Differences from the public scripts shared by every ESR preset.
 _ESR_DIFFERENCES = (
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict] = {
     "esr_rafdb": {
         "fields": dict(_ESR_FINETUNE, model="esr9_div", model_options={"num_classes": 7}, dataset="rafdb",
                        label_space=None, init_new_heads=True, subset_per_class=None, train_transform="rafdb_train",
-                       normalize="imagenet", random_erasing=True),
+                       image_normalize="imagenet", random_erasing=True),
         "script": "esr_rafdb.py (diversity paper, from its AffectNet ESR*-9): new 7-class heads, RAF-DB's "
                   "native class order",
         "published": ("esr9_div", "RAF-DB"),
@@ -97,7 +97,7 @@ PRESETS: dict[str, dict] = {
     },
     "manet_rafdb": {
         "fields": dict(_MANET_SGD, model="manet_div", dataset="rafdb", label_space=None, epochs=100, lr_step=15,
-                       batch_size=128, subset_per_class=None, train_transform="rafdb_train", normalize="imagenet",
+                       batch_size=128, subset_per_class=None, train_transform="rafdb_train", image_normalize="imagenet",
                        random_erasing=True),
         "script": "manet_rafdb.py (diversity paper): every training face, rotation/crop, ImageNet "
                   "normalisation, RandomErasing",
@@ -121,6 +121,9 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESET_NAMES = tuple(PRESETS)
+#: TrainConfig fields a preset never sets: where and how a run executes, not what it trains.
+_RUNTIME_FIELDS = {"name", "output_dir", "cache_dir", "seed", "device", "num_workers", "progress", "figures",
+                   "deterministic", "keep_freed_memory", "eval_batch_size", "data_root", "init_weights"}
 
 
 def preset_fields(name: str, overrides: dict | None = None) -> dict:
@@ -137,6 +140,50 @@ def preset_fields(name: str, overrides: dict | None = None) -> dict:
         elif key in base:
             d[key] = dict(base[key])
     return d
+
+
+def notebook_parameters(name: str, parameter_names: set[str]) -> dict:
+    """Preset ``name`` as parameters of a training notebook whose parameters are ``parameter_names``
+    (what a sweep's ``preset:`` injects): each field under the notebook parameter of the same name,
+    model options under their flat names (``branches``, ``gamma``, ...) or in ``model_options``,
+    every other field in ``train_options``; plus ``preset`` itself. Notebook parameters the preset
+    does not set get TrainConfig's default (model options: ``None``, the variant's), except
+    where and how the run executes (output and cache directories, seed, device, data root,
+    initial weights)."""
+    from .train import MODEL_OPTIONS, TrainConfig
+
+    fields = preset_fields(name)
+    out: dict = {"preset": name}
+    rest: dict = {}
+    # what the preset leaves open is TrainConfig's default / the model variant's default,
+    # not the notebook's (whose defaults are the CPU demo's); where and how it runs stays
+    defaults = TrainConfig().to_dict()
+    for key in parameter_names:
+        if key in MODEL_OPTIONS:
+            out[key] = None
+        elif key in defaults and key not in _RUNTIME_FIELDS:
+            out[key] = defaults[key]
+    out["preset"] = name
+    model_options = dict(fields.pop("model_options", None) or {})
+    for flat, target in MODEL_OPTIONS.items():
+        if target in model_options and flat in parameter_names:
+            out[flat] = model_options.pop(target)
+    if model_options:
+        (out if "model_options" in parameter_names else rest)["model_options"] = model_options
+    for key, value in fields.items():
+        if key == "preset":
+            continue
+        # flat model-option names (e.g. the diversity term's "normalize") are not TrainConfig fields
+        if key in parameter_names and key not in MODEL_OPTIONS:
+            out[key] = value
+        else:
+            rest[key] = value
+    if rest:
+        if "train_options" not in parameter_names:
+            raise ValueError(f"preset {name!r} sets {sorted(rest)}, which the notebook has no parameters for "
+                             "(and no train_options parameter)")
+        out["train_options"] = rest
+    return out
 
 
 def published_accuracy(name: str) -> float | None:

@@ -237,7 +237,7 @@ class Run:
         if train.get("cache_dir"):
             opts.setdefault("cache", train["cache_dir"])
         opts.update(options)
-        tf = build_transform("eval", size, normalize=train.get("normalize"))
+        tf = build_transform("eval", size, normalize=train.get("image_normalize", train.get("normalize")))
         return build_dataset(train["dataset"], root=train.get("data_root"), split=split, transform=tf,
                              label_space=self.config.get("label_space"), **opts)
 

@@ -56,7 +56,10 @@ class TrainConfig:
     What: ``model`` (a registered name) with ``model_options`` (overrides such as
     ``num_branches``, ``width``, ``gamma``, ``diagonal``, ``diversity_terms``), ``dataset``
     with ``data_root`` and ``data_options``, ``label_space`` (``"auto"``: the model
-    variant's, e.g. ``affectnet8`` for ESR).
+    variant's, e.g. ``affectnet8`` for ESR). Input pipeline: ``image_size`` (default: the
+    model's), ``train_transform`` (a preset of :mod:`fer_lab.data.transforms`; default: the
+    model's), ``image_normalize`` (``"imagenet"``: ImageNet mean/std, the RAF-DB scripts;
+    not the diversity term's ``normalize``), ``random_erasing``.
 
     Protocol: ``protocol`` (``auto`` = the variant's: ``esr_growth`` for ESR, ``single``
     otherwise; ``esr_finetune`` fine-tunes a trained ESR; see :mod:`fer_lab.protocols`),
@@ -106,7 +109,7 @@ class TrainConfig:
     label_space: str | None = "auto"
     image_size: int | None = None
     train_transform: str | None = None
-    normalize: str | None = None
+    image_normalize: str | None = None
     random_erasing: bool = False
     init_weights: str | None = None
     init_partial: bool = False
@@ -198,6 +201,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if "normalize" in d and "image_normalize" not in d:       # the field's name in runs before 2026-12
+            d["image_normalize"] = d.pop("normalize")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -233,16 +239,21 @@ def config_from_flat(**flat) -> TrainConfig:
 
     Keys of :data:`MODEL_OPTIONS` (``branches``, ``width``, ``gamma``, ``diagonal``,
     ``diversity_terms``, ``normalize``, ...) become ``model_options`` - ``None`` keeps the
-    variant's default; ``run_name`` is the run's ``name``; everything else must be a
-    :class:`TrainConfig` field. Unknown keys are rejected with the list of known ones.
+    variant's default; ``run_name`` is the run's ``name``; ``train_options`` (a dict of
+    further TrainConfig fields, e.g. what a sweep's preset sets beyond the notebook's
+    parameters) is applied last; everything else must be a :class:`TrainConfig` field.
+    Unknown keys are rejected with the list of known ones.
     """
-    model_options = dict(flat.pop("model_options", None) or {})
+    flat = dict(flat)
+    extra = dict(flat.pop("train_options", None) or {})
+    model_options = {**(flat.pop("model_options", None) or {}), **(extra.pop("model_options", None) or {})}
     for key, target in MODEL_OPTIONS.items():
         value = flat.pop(key, None)
         if value is not None:
             model_options[target] = value
     if "run_name" in flat:
         flat["name"] = flat.pop("run_name")
+    flat.update(extra)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(flat) - known)
     if unknown:
@@ -308,8 +319,8 @@ def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> Da
     """
     spec_data = model_spec(cfg.model).data
     train_tf = build_transform(cfg.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
-                               normalize=cfg.normalize, random_erasing=cfg.random_erasing)
-    eval_tf = build_transform("eval", image_size, normalize=cfg.normalize)
+                               normalize=cfg.image_normalize, random_erasing=cfg.random_erasing)
+    eval_tf = build_transform("eval", image_size, normalize=cfg.image_normalize)
     options = dict(cfg.data_options)
     size_option = dataset_entry(cfg.dataset).size_option
     if size_option:
