@@ -226,9 +226,13 @@ class Run:
     def eval_dataset(self, split: str = "test", **options):
         """The run's dataset split with the evaluation transform (same dataset, root, options and
         label space as in training; ``options`` add or override dataset options, e.g.
-        ``return_masks=True`` for synthetic faces)."""
+        ``return_masks=True`` for synthetic faces). ``split="test"`` is the split the run reports
+        (``dataset.json``'s roles: FER2013Valid's ``val`` for a FER+ copy without FER2013Test)."""
         from .data import build_dataset, build_transform
 
+        if split == "test" and self.dataset:
+            reported = (self.dataset.get("roles") or {}).get("test")
+            split = reported if reported in ("train", "val", "test") else split
         train = self.config["train"]
         opts = dict(train.get("data_options") or {})
         size = self.config["image_size"]

@@ -211,12 +211,13 @@ class TrainConfig:
         return cls(**d)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
-        """The preset ``name`` (:data:`fer_lab.presets.PRESETS`) with ``overrides`` (any fields)
-        on top; ``model_options`` and ``data_options`` overrides are merged into the preset's."""
+    def from_preset(cls, preset: str, /, **overrides) -> "TrainConfig":
+        """The preset ``preset`` (:data:`fer_lab.presets.PRESETS`) with ``overrides`` (any fields,
+        ``name`` included) on top; ``model_options`` and ``data_options`` overrides are merged
+        into the preset's."""
         from .presets import preset_fields
 
-        return cls.from_dict(preset_fields(name, overrides))
+        return cls.from_dict(preset_fields(preset, overrides))
 
     @property
     def run_name(self) -> str:
@@ -299,12 +300,13 @@ class DataBundle:
 
 
 def holdout_split(targets: np.ndarray, fraction: float, seed) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of indices into ``(keep, held_out)`` with ``fraction`` of each class held out."""
+    """Stratified split of indices into ``(keep, held_out)`` with ``fraction`` of each class held out
+    (rounded, but at least one item of every class that has two or more)."""
     rng = np.random.default_rng(seed)
     keep, held = [], []
     for c in np.unique(targets):
         idx = rng.permutation(np.flatnonzero(targets == c))
-        n = int(round(len(idx) * fraction))
+        n = max(int(round(len(idx) * fraction)), 1 if len(idx) >= 2 else 0)
         held.append(idx[:n])
         keep.append(idx[n:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
@@ -348,6 +350,10 @@ def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> Da
         test = make(reported, eval_tf) if reported else None
         roles = {"train": "train minus the hold-out", "val": f"{cfg.val_fraction:g} of train, stratified",
                  "test": reported}
+
+    if len(val) == 0:
+        raise ValueError(f"{cfg.dataset}: the validation split ({roles['val']}) is empty; model selection needs "
+                         "at least one validation image (more training images, or a larger val_fraction)")
 
     def info(ds):
         if isinstance(ds, Subset):
@@ -570,7 +576,7 @@ def _preset_record(cfg: TrainConfig) -> dict | None:
     ref = TrainConfig.from_dict(preset_fields(cfg.preset, {})).to_dict()
     mine = cfg.to_dict()
     return {"name": cfg.preset, "differs": {k: [ref[k], v] for k, v in mine.items()
-                                            if k not in _VOLATILE | {"name", "output_dir", "cache_dir", "seed"}
+                                            if k not in _VOLATILE | {"name", "output_dir", "cache_dir", "seed", "data_root", "init_weights", "preset"}
                                             and ref[k] != v}}
 
 

@@ -13,6 +13,8 @@ import yaml
 from fer_lab.batch import NOTEBOOKS_DIR, execute, load_sweep, run_batch
 from fer_lab.cli import DEMO
 
+from conftest import make_ferplus
+
 # a 2-branch quarter-width ESR* on 64 px synthetic faces, one epoch per stage
 TINY = dict(branches=2, image_size=64, epochs=1, epochs_later=1, subset_per_class=4, batch_size=16,
             data_options={"num_samples": 32}, n_attention_images=3, progress=False)
@@ -70,6 +72,40 @@ def test_02_train_esr(tiny_run):
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["num_branches"] == 2 and cfg["train"]["optimizer"] == "adam"
     assert all(valid_figure(p) for p in (tiny_run / "figures").glob("*.*"))
+
+
+def test_02_fine_tunes_an_affectnet_checkpoint(tmp_path, affectnet_checkpoint):
+    """Notebook 02 with the esr_finetune protocol from a fer_lab AffectNet-style checkpoint."""
+    run_nb("02_train_esr", tmp_path, output_dir=str(tmp_path / "runs"), run_name="ft", protocol="esr_finetune",
+           init_weights=str(affectnet_checkpoint), lr_step_at="start", **TINY)
+    run = tmp_path / "runs" / "ft"
+    h = pd.read_csv(run / "history.csv")
+    assert h["num_branches"].tolist() == [1, 2] and "lr_other_branches" in h and "lr_new_branch" in h
+    assert json.loads((run / "init_weights.json").read_text())["source"] == "fer_lab"
+    assert json.loads((run / "metrics.json").read_text())["selected"]["head"] == "vote"
+
+
+def test_batch_runs_the_ferplus_preset_from_the_official_format(tmp_path):
+    """A sweep with ``preset: esr_ferplus`` (fine-tuning) on a FER+-format fixture, starting
+    from an official-format ESR set; the preset fills the notebook's parameters."""
+    from test_esr_official import write_official
+
+    official = write_official(tmp_path / "esr_9", branches=[1, 2], base="random")
+    data = make_ferplus(tmp_path / "ferplus", per_class=4)
+    sweep = _sweep(tmp_path, {"seed": [0]}, preset="esr_ferplus", run_name="{model}-s{seed}")
+    doc = yaml.safe_load(sweep.read_text())
+    doc["fixed"] = {"model": "esr9", "branches": 2, "image_size": 64, "epochs": 1, "epochs_later": 1,
+                    "batch_size": 16, "n_attention_images": 2, "data_root": str(data), "init_weights": str(official)}
+    sweep.write_text(yaml.safe_dump(doc))
+    summary = pd.read_csv(run_batch(sweep)).set_index("run")
+    assert summary.loc["esr9-s0", "status"] == "done", summary.loc["esr9-s0", "error"]
+    assert summary.loc["esr9-s0", "head"] == "vote" and "test_acc_ensemble" in summary
+    run = tmp_path / "tiny" / "esr9-s0"
+    c = json.loads((run / "config.json").read_text())
+    assert c["preset"]["name"] == "esr_ferplus" and c["protocol"] == "esr_finetune"
+    assert (c["train"]["lr_old"], c["train"]["lr_gamma"], c["train"]["lr_step_at"]) == (0.02, 0.75, "start")
+    assert c["train"]["momentum"] == 0.9 and c["train"]["data_options"] == {"label_mode": "majority"}
+    assert json.loads((run / "init_weights.json").read_text())["source"] == "esr_official"
 
 
 def test_04_attention_explorer(tiny_run, tmp_path):

@@ -145,6 +145,8 @@ def test_holdout_and_confusion():
     keep, held = holdout_split(t, 0.2, 0)
     assert len(set(keep) & set(held)) == 0 and len(keep) + len(held) == 40
     assert np.bincount(t[held]).tolist() == [2, 2, 2, 2]
+    small = np.array([0, 0, 0, 1, 1, 2])                 # 10 % rounds to 0: still one per class that has two
+    assert np.bincount(small[holdout_split(small, 0.1, 0)[1]], minlength=3).tolist() == [1, 1, 0]
     cm = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 2, 1, 2]), 3)
     assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
 
