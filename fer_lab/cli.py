@@ -2,7 +2,8 @@
 
 Commands: ``train`` (any model on any dataset, every option documented in ``--help``),
 ``demo`` (the CPU-sized diversified ESR on synthetic faces that ``make demo`` runs),
-``models`` (the registered variants), ``data check`` (validate a dataset on disk).
+``models`` (the registered variants), ``presets`` (the published protocols), ``batch``
+(papermill sweeps), ``data check`` (validate a dataset on disk).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .diversity import TERMS
-from .presets import PRESETS, preset_fields, preset_help
+from .presets import PRESETS, format_presets, preset_fields, preset_help
 from .train import PROTOCOLS, TrainConfig, train
 
 #: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, grown one branch per
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-progress", action="store_true", help="do not stream the notebooks' output")
 
     sub.add_parser("models", help="list the registered model variants")
+    sub.add_parser("presets", help="list the presets: the published script each reproduces, its settings and "
+                                   "where fer_lab differs")
 
     bt = sub.add_parser("batch", help="run a sweep of notebooks with papermill (see fer_lab/batch.py)",
                         description="Execute a notebook for every point of a sweep's grid into "
@@ -369,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in list_models():
                 print(f"{name:16s} {model_spec(name).description}")
+            return 0
+        if args.command == "presets":
+            print(format_presets())
             return 0
         if args.command == "demo":
             path = run_demo(args.output_dir, progress=not args.no_progress)

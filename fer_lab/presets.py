@@ -20,7 +20,8 @@ AffectNet and RAF-DB. This file holds numbers only; nothing here trains.
 """
 from __future__ import annotations
 
-__all__ = ["PRESETS", "preset_fields", "preset_help", "PRESET_NAMES", "notebook_parameters", "published_accuracy"]
+__all__ = ["PRESETS", "preset_fields", "preset_help", "PRESET_NAMES", "notebook_parameters", "published_accuracy",
+           "format_presets"]
 
 #: Differences from the public scripts shared by every ESR preset.
 _ESR_DIFFERENCES = (
@@ -198,3 +199,16 @@ def published_accuracy(name: str) -> float | None:
 def preset_help() -> str:
     """One line per preset for ``--help``."""
     return "; ".join(f"{n}: {p['script'].split(' (')[0].split(':')[0]}" for n, p in PRESETS.items())
+
+
+def format_presets() -> str:
+    """Every preset as text: the script it follows, the published accuracy, its fields and
+    where fer_lab differs (``python -m fer_lab presets``)."""
+    blocks = []
+    for name, p in PRESETS.items():
+        fields = ", ".join(f"{k}={v!r}" for k, v in p["fields"].items())
+        lines = [f"{name}: {p['script']}", f"  published: {published_accuracy(name)} % "
+                 f"({p['published'][0]}, {p['published'][1]})", f"  fields: {fields}", "  differs from the script:"]
+        lines += [f"    - {d}" for d in p["differences"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
