@@ -19,7 +19,8 @@ import _common as C
 from fer_lab.runs import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
-STEPS = [("train_step.py", []), ("diversity_speed.py", []), ("inference.py", []), ("branch_execution.py", [])]
+STEPS = [("train_step.py", []), ("cbam_position.py", []), ("diversity_speed.py", []), ("inference.py", []),
+         ("branch_execution.py", [])]
 
 
 def _fmt(v, digits=2):
@@ -74,6 +75,17 @@ def report() -> str:
                                 for m in r) +
                       f". ESR*-9 / ESR-9: **{r.get('esr9_div', float('nan')):.2f}x** "
                       f"(target 1.25x: {'met' if ok else 'not met'}).", ""]
+    cp = C.load("cbam_position")
+    if cp:
+        lines += ["## CBAM after or before the pooling (ESR*, training step)", "",
+                  f"{cp['what']} ({cp['machine']['date']}). The training-step table above was measured before "
+                  "2026-12 with CBAM before the pooling; the diversity paper's code, and fer_lab's default since, "
+                  "puts it after.", ""]
+        rows = [(shape, r["step_s"]["esr9"], r["step_s"]["after_pool"], r["ratio_median"]["after_pool"],
+                 r["step_s"]["before_pool"], r["ratio_median"]["before_pool"], r["after_over_before"])
+                for shape, r in cp["shapes"].items()]
+        lines += _table(["shape", "ESR-9 s/step", "ESR* after_pool s/step", "x ESR-9", "ESR* before_pool s/step",
+                         "x ESR-9", "after / before"], rows)
     ds = C.load("diversity_speed")
     if ds:
         lines += ["## Diversity term against the public code's double loop (CPU)", "",

@@ -102,20 +102,23 @@ def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) ->
     return row
 
 
-def paired(models: tuple[str, ...], batch: int, reps: int, size: int = 96) -> dict:
+def paired(models: tuple, batch: int, reps: int, size: int = 96) -> dict:
     """The target's ratio measured side by side: every model built in this one process with
     fer_lab's training defaults (channels-last, :func:`fer_lab.utils.keep_freed_memory`),
     their steps alternated (``A B A B ...``), the ratio taken within each round. On a shared
     machine whose speed drifts by 10-15 % over minutes, separate runs minutes apart can move
-    a ratio by that much; alternating steps cancels the drift."""
+    a ratio by that much; alternating steps cancels the drift. ``models``: registered names,
+    or ``(label, name, build options)`` triples; ratios are to the first."""
     keep_freed_memory()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 8, (batch,))
     steps = {}
-    for name in models:
-        model = build_model(name, input_size=size).to(memory_format=torch.channels_last)
+    specs = [m if isinstance(m, tuple) else (m, m, {}) for m in models]
+    models = [label for label, _, _ in specs]
+    for name, registered, options in specs:
+        model = build_model(registered, input_size=size, **options).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model=model, opt=opt):

@@ -3,20 +3,19 @@
 ``train(TrainConfig(...))`` builds the model and data, runs the protocol stage by
 stage, records every epoch, selects the checkpoint on the validation split, evaluates
 the test split once for that checkpoint, and writes a run directory
-(:mod:`fer_lab.runs`). Protocols:
-
-- ``esr_growth`` (SPEC section 3): stage 1 trains base + branch 1 at ``lr``; each later
-  stage reloads the previous stage's best checkpoint, adds a branch and trains
-  everything (new branch at ``lr_new``, base and old branches at ``lr_old``), with a
-  fresh class-balanced subset and a fresh StepLR per stage.
-- ``single``: one stage, every parameter at ``lr`` (MA-Net, or an ESR trained jointly).
+(:mod:`fer_lab.runs`). What each stage trains (which model it starts from, parameter
+groups and learning rates, the branches in the loss) is the protocol's business
+(:mod:`fer_lab.protocols`: ``single``, ``esr_growth``, ``esr_finetune``); each stage
+starts from the previous stage's best checkpoint, with a fresh class-balanced subset, a
+fresh optimiser and a fresh StepLR. Published protocols are presets
+(:mod:`fer_lab.presets`).
 
 The loss is the model's (``model.loss``): sum of branch CE minus the configured
 diversity terms, so the engine never needs to know which row it runs. Watch training
 from a notebook with :class:`Callback` instead of copying the loop.
 
-The engine is deliberately not a general trainer: no mixed-precision, distributed or
-gradient-accumulation switches beyond what the paper's protocols need.
+The engine is deliberately not a general trainer: no distributed or gradient-accumulation
+switches beyond what the paper's protocols need.
 """
 from __future__ import annotations
 

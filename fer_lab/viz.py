@@ -154,7 +154,8 @@ def plot_determinant_trends(history, terms: Sequence[str] | None = None, ax=None
 
 
 def plot_accuracy_curves(history, phase: str = "val", ax=None):
-    """Per-branch (thin, coloured) and ensemble (thick, black) accuracy per epoch."""
+    """Per-branch (thin, coloured) and ensemble (black: the decision thick, the other heads thin) accuracy
+    per epoch."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 2.8))
     x = history["global_epoch"] + 1
@@ -163,10 +164,12 @@ def plot_accuracy_curves(history, phase: str = "val", ax=None):
     for i, col in enumerate(branch_cols):
         ax.plot(x, history[col], color=PALETTE[i % len(PALETTE)], lw=1, alpha=0.9,
                 label=col.replace(f"{phase}_acc_", "").replace("branch_", "branch "))
-    for head, style in (("ensemble", "-"), ("vote", ":"), ("fused", "-"), ("local", "--"), ("global", "-.")):
+    # ESR: the vote is the decision (thick), the softmax mean beside it; MA-Net: fused, local, global
+    for head, style, label in (("vote", "-", "vote"), ("ensemble", ":", "softmax mean"), ("fused", "-", "fused"),
+                               ("local", "--", "local"), ("global", "-.", "global")):
         col = f"{phase}_acc_{head}"
         if col in history:
-            ax.plot(x, history[col], color=ENSEMBLE_COLOR, lw=2 if style == "-" else 1.2, ls=style, label=head)
+            ax.plot(x, history[col], color=ENSEMBLE_COLOR, lw=2 if style == "-" else 1.2, ls=style, label=label)
     _stage_lines(ax, history)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{phase} accuracy")
