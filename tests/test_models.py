@@ -57,9 +57,33 @@ def test_esr_part_counts():
 
 def test_output_sizes():
     assert output_size(96) == (20, 6)
+    assert output_size(48, "same") == (12, 6)          # 48 -> 48 -> 24 -> 24 -> 12 | 12 -> 6 -> 6 -> 6
     assert MIN_INPUT_SIZE == min(s for s in range(8, 200) if min(output_size(s)) >= 1)
     with pytest.raises(ValueError, match="input_size"):
-        build_model("esr9", input_size=MIN_INPUT_SIZE - 1)
+        build_model("esr9", input_size=MIN_INPUT_SIZE - 1, conv_padding="paper")
+    with pytest.raises(ValueError, match="conv_padding"):
+        build_model("esr9", conv_padding="valid")
+
+
+def test_conv_padding_derived_from_the_input_size():
+    """The paper's layout while it leaves a last map of at least 6x6 (96 px and up), every conv
+    padded below: 48 px FER+ faces run natively with the paper's 6x6 attention maps."""
+    from fer_lab.models.esr import resolve_conv_padding
+
+    # paper layout at 93 px: 89, 87 -> 43, 41, 39 -> 19 | 17, 15 -> 7, 5, 5: a 5x5 last map; at 94 px 6x6
+    assert [resolve_conv_padding(s) for s in (48, 64, 93, 94, 96, 224)] == ["same"] * 3 + ["paper"] * 3
+    assert output_size(93)[1] == 5 and output_size(94)[1] == 6
+    m = build_model("esr9_div", num_branches=2, width=0.25, input_size=48).eval()
+    assert m.config["conv_padding"] == "same"
+    with torch.no_grad():
+        out = m(torch.rand(2, 3, 48, 48), return_all_attention=True)
+    assert out.spatial_attention.shape == (2, 2, 6, 6) and out.layer_attention["base.0"][1].shape == (2, 48, 48)
+    assert count_parameters(m) == count_parameters(build_model("esr9_div", num_branches=2, width=0.25))
+    assert build_model("esr9").config["conv_padding"] == "paper"
+    m64 = build_model("esr9_div", num_branches=2, width=0.25, input_size=64)
+    assert m64.conv_padding == "same"
+    old = {k: v for k, v in m64.config.items() if k != "conv_padding"}    # a config written before the option
+    assert build_model_from_config(old).conv_padding == "paper"           # as it was trained
 
 
 def test_esr_forward_shapes_and_attention():

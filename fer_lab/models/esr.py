@@ -40,6 +40,22 @@ DECISIONS = {"vote": "vote", "mean": "ensemble"}
 # (in, out, kernel, padding, maxpool-after) for the base and each branch (SPEC section 3).
 BASE_LAYOUT = ((None, 64, 5, 0, False), (64, 128, 3, 0, True), (128, 128, 3, 0, False), (128, 128, 3, 0, True))
 BRANCH_LAYOUT = ((128, 128, 3, 0, False), (128, 256, 3, 0, True), (256, 256, 3, 0, False), (256, 512, 3, 1, False))
+#: How the convolutions are padded (:func:`layouts`): ``paper`` (SPEC section 3: unpadded but
+#: the branch's last conv) or ``same`` (every conv keeps its input size: ``k // 2``).
+CONV_PADDINGS = ("auto", "paper", "same")
+#: ``conv_padding="auto"`` keeps the paper's layout while it leaves a last map of at least this
+#: side (96 px and up: 6x6, the map the paper diversifies) and pads every conv below that.
+AUTO_MIN_LAST_MAP = 6
+
+
+def layouts(conv_padding: str = "paper"):
+    """``(base layout, branch layout)`` for a resolved ``conv_padding`` (``paper`` or ``same``)."""
+    if conv_padding == "paper":
+        return BASE_LAYOUT, BRANCH_LAYOUT
+    if conv_padding == "same":
+        pad = lambda layout: tuple((i, o, k, k // 2, pool) for i, o, k, _, pool in layout)  # noqa: E731
+        return pad(BASE_LAYOUT), pad(BRANCH_LAYOUT)
+    raise ValueError(f"conv_padding={conv_padding!r}: expected one of {CONV_PADDINGS}")
 
 
 def scaled(channels: int, width: float) -> int:
@@ -47,24 +63,37 @@ def scaled(channels: int, width: float) -> int:
     return max(16, int(round(channels * width)))
 
 
-def output_size(input_size: int) -> tuple[int, int]:
+def output_size(input_size: int, conv_padding: str = "paper") -> tuple[int, int]:
     """Spatial side of the base output and of the branch's last map for a square input.
 
-    ``output_size(96) == (20, 6)``. Sizes below 1 mean the input is too small.
+    ``output_size(96) == (20, 6)``; ``output_size(48, "same") == (12, 6)``. Sizes below 1
+    mean the input is too small for that layout.
     """
     s = input_size
-    for layout in (BASE_LAYOUT, BRANCH_LAYOUT):
+    base = None
+    for layout in layouts(conv_padding):
         for _, _, k, p, pool in layout:
             s = s + 2 * p - k + 1
             if pool:
                 s //= 2
-        if layout is BASE_LAYOUT:
-            base = s
+        base = s if base is None else base
     return base, s
 
 
-#: Smallest input side for which every ESR layer has a non-empty output.
+def resolve_conv_padding(input_size: int, conv_padding: str = "auto") -> str:
+    """``paper`` or ``same`` for an input side: ``auto`` derives it from the size (the paper's
+    layout while its last map is at least :data:`AUTO_MIN_LAST_MAP` px, 96 px and up; every conv
+    padded below, so 48 px FER+ faces run natively with a 6x6 last map)."""
+    if conv_padding != "auto":
+        layouts(conv_padding)           # validates the name
+        return conv_padding
+    return "paper" if output_size(input_size, "paper")[1] >= AUTO_MIN_LAST_MAP else "same"
+
+
+#: Smallest input side for which every layer of the paper's layout has a non-empty output.
 MIN_INPUT_SIZE = next(s for s in range(8, 256) if min(output_size(s)) >= 1)
+#: Smallest input side for the padded layout (three 2x poolings leave at least 1 px).
+MIN_INPUT_SIZE_SAME = next(s for s in range(4, 256) if min(output_size(s, "same")) >= 1)
 
 
 class ConvBlock(nn.Module):
@@ -130,8 +159,8 @@ class Base(_Stack):
     """Shared base: ``(B, in_channels, S, S) -> (B, 128w, s, s)`` (``128 x 20 x 20`` at 96 px)."""
 
     def __init__(self, in_channels: int = 3, width: float = 1.0, attention: bool = False,
-                 cbam_position: str = "after_pool"):
-        super().__init__(BASE_LAYOUT, in_channels, width, attention, cbam_position)
+                 cbam_position: str = "after_pool", conv_padding: str = "paper"):
+        super().__init__(layouts(conv_padding)[0], in_channels, width, attention, cbam_position)
 
 
 class Branch(nn.Module):
@@ -141,9 +170,9 @@ class Branch(nn.Module):
     """
 
     def __init__(self, num_classes: int = 8, width: float = 1.0, attention: bool = False,
-                 cbam_position: str = "after_pool"):
+                 cbam_position: str = "after_pool", conv_padding: str = "paper"):
         super().__init__()
-        self.convs = _Stack(BRANCH_LAYOUT, 0, width, attention, cbam_position)
+        self.convs = _Stack(layouts(conv_padding)[1], 0, width, attention, cbam_position)
         self.fc = nn.Linear(scaled(512, width), num_classes)
 
     def forward(self, shared: torch.Tensor):
@@ -217,7 +246,12 @@ class ESR(nn.Module):
             by evaluation batches): what the public code does by accident (branches in a Python
             list that ``eval()`` misses). A quirk for reproductions only; default ``False``.
         width: channel multiplier (1.0 = paper).
-        input_size: square input side in pixels (96 = paper; at least :data:`MIN_INPUT_SIZE`).
+        input_size: square input side in pixels (96 = paper; at least :data:`MIN_INPUT_SIZE` with the
+            paper's layout, :data:`MIN_INPUT_SIZE_SAME` padded).
+        conv_padding: ``"auto"`` (default: derived from ``input_size`` by
+            :func:`resolve_conv_padding`: the paper's unpadded layout from 96 px up, every conv
+            padded below, so 48 px FER+ faces run natively and end in a 6x6 map), ``"paper"`` or
+            ``"same"``. Stored resolved in :attr:`config`. Same parameters either way.
         in_channels: 3 for RGB, 1 for grayscale.
         branch_execution: ``"loop"`` (call each branch in turn) or ``"fused"`` (all branches
             at once as grouped convolutions, :func:`~fer_lab.models.fused.fused_branches_forward`).
@@ -234,7 +268,7 @@ class ESR(nn.Module):
     _branch_execution = "loop"      # class default: also for ESR objects pickled before the option existed
     #: Constructor values of options that did not exist yet when an older run's config was
     #: written (``build_model_from_config`` fills them in, so old checkpoints rebuild as trained).
-    legacy_config = {"cbam_position": "before_pool", "decision": "mean"}
+    legacy_config = {"cbam_position": "before_pool", "decision": "mean", "conv_padding": "paper"}
 
     def __init__(self, num_branches: int = 9, num_classes: int = 8, attention: bool = False,
                  diversity: DiversityConfig | dict | None = None, diversity_source: str | None = None,
@@ -242,7 +276,7 @@ class ESR(nn.Module):
                  branch_execution: str = "loop", cbam_position: str = "after_pool",
                  channel_term_input: str = "channel", decision: str = "vote",
                  active_branches: int | None = None, diversity_scope: str = "all",
-                 branch_bn_train_at_test: bool = False):
+                 branch_bn_train_at_test: bool = False, conv_padding: str = "auto"):
         super().__init__()
         if int(num_branches) < 1:
             raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
@@ -252,9 +286,14 @@ class ESR(nn.Module):
             raise ValueError(f"width={width!r}: expected a channel multiplier in (0, 4]")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels={in_channels!r}: expected 1 (grayscale) or 3 (RGB)")
-        if int(input_size) < MIN_INPUT_SIZE:
-            raise ValueError(f"input_size={input_size!r}: ESR needs at least {MIN_INPUT_SIZE} px "
-                             f"(the branch's last map would be empty); the paper uses 96")
+        if conv_padding not in CONV_PADDINGS:
+            raise ValueError(f"conv_padding={conv_padding!r}: expected one of {CONV_PADDINGS}")
+        conv_padding = resolve_conv_padding(int(input_size), conv_padding)
+        if min(output_size(int(input_size), conv_padding)) < 1:
+            smallest = MIN_INPUT_SIZE if conv_padding == "paper" else MIN_INPUT_SIZE_SAME
+            raise ValueError(f"input_size={input_size!r}: ESR with conv_padding={conv_padding!r} needs at least "
+                             f"{smallest} px (the branch's last map would be empty); the paper uses 96, "
+                             f"conv_padding='auto' pads the convs below 96")
         if cbam_position not in CBAM_POSITIONS:
             raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
         if channel_term_input not in ("channel", "spatial"):
@@ -288,13 +327,14 @@ class ESR(nn.Module):
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
         self.branch_execution = branch_execution
-        self.base = Base(in_channels, self.width, self.attention, cbam_position)
+        self.conv_padding = conv_padding
+        self.base = Base(in_channels, self.width, self.attention, cbam_position, conv_padding)
         self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
         self.active_branches = active_branches
 
     # ---- structure ----------------------------------------------------------------------
     def _new_branch(self) -> Branch:
-        return Branch(self.num_classes, self.width, self.attention, self.cbam_position)
+        return Branch(self.num_classes, self.width, self.attention, self.cbam_position, self.conv_padding)
 
     @property
     def num_branches(self) -> int:
@@ -370,7 +410,7 @@ class ESR(nn.Module):
             "branch_execution": self.branch_execution, "cbam_position": self.cbam_position,
             "channel_term_input": self.channel_term_input, "decision": self.decision,
             "active_branches": self.active_branches, "diversity_scope": self.diversity_scope,
-            "branch_bn_train_at_test": self.branch_bn_train_at_test,
+            "branch_bn_train_at_test": self.branch_bn_train_at_test, "conv_padding": self.conv_padding,
         }
 
     # ---- forward ------------------------------------------------------------------------
