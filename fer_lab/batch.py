@@ -21,6 +21,11 @@ Sweep file::
     fixed: {dataset: synthetic, epochs: 2}
     grid: {model: [esr9, esr9_div], seed: [0, 1, 2]}
 
+A grid key ``variant`` names entries of an optional ``variants`` mapping (``variants:
+{esr4_median: {model: esr9_div, gamma: median}}``): each grid point gets its variant's
+parameters, for studies whose rows are not a product of parameter lists (the ``variant``
+value itself is recorded in the summary, not passed to the notebook).
+
 A string in ``fixed`` may name other parameters in braces (``init_weights:
 /models/{model}/best.pt``): each grid point fills them in. Parameters of a grid point,
 later ones winning: the notebook's defaults, the ``preset``'s
@@ -51,7 +56,7 @@ KERNEL = "fer_lab"
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 STATUS_FILE = "batch_status.json"
 _SWEEP_KEYS = {"name", "notebook", "output_dir", "timeout", "run_name", "fixed", "grid", "kernel", "required",
-               "preset"}
+               "preset", "variants"}
 _MERGED = ("model_options", "data_options", "train_options")
 
 
@@ -69,6 +74,7 @@ class Sweep:
     kernel: str = KERNEL
     required: list = field(default_factory=list)
     preset: str | None = None
+    variants: dict = field(default_factory=dict)
 
     def check_required(self) -> None:
         """Every ``required`` parameter must have a value (in fixed, e.g. via ``--set``, or grid)."""
@@ -84,7 +90,8 @@ class Sweep:
         base = self.preset_parameters()
         for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
             point = dict(zip(keys, values))
-            params = _merge(base, self.fixed, point)
+            variant = self.variants.get(point.get("variant"), {}) if "variant" in point else {}
+            params = _merge(base, self.fixed, variant, point)
             params = {k: self._fill(k, v, params) for k, v in params.items()}
             if self.run_name:
                 try:
@@ -176,6 +183,12 @@ def load_sweep(path) -> Sweep:
     timeout = data.get("timeout", 3600)
     if not isinstance(timeout, int) or timeout < 1:
         raise ValueError(f"{path}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+    variants = data.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ValueError(f"{path}: 'variants' must map variant names to mappings of parameters")
+    unknown_variants = sorted(set(grid.get("variant", [])) - set(variants)) if variants else []
+    if unknown_variants:
+        raise ValueError(f"{path}: grid variant(s) {unknown_variants} are not in 'variants' ({sorted(variants)})")
     preset = data.get("preset")
     if preset is not None:
         from .presets import PRESETS
@@ -184,7 +197,7 @@ def load_sweep(path) -> Sweep:
             raise ValueError(f"{path}: unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
     return Sweep(name=str(data["name"]), notebook=notebook, output_dir=out.resolve(), fixed=fixed, grid=grid,
                  timeout=timeout, run_name=data.get("run_name"), kernel=data.get("kernel", KERNEL),
-                 required=list(data.get("required") or []), preset=preset)
+                 required=list(data.get("required") or []), preset=preset, variants=variants)
 
 
 def check_kernel(name: str = KERNEL) -> None:
@@ -289,7 +302,8 @@ def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: boo
         if st and (st["status"] == "done" or (st["status"] == "failed" and not retry_failed)):
             log.info("batch %s: %s already %s, skipped", sweep.name, name, st["status"])
             return
-        injected = {**params, "output_dir": str(sweep.directory), "run_name": name, "progress": False}
+        injected = {**{k: v for k, v in params.items() if not (k == "variant" and sweep.variants)},
+                    "output_dir": str(sweep.directory), "run_name": name, "progress": False}
         write_json(run_dir / STATUS_FILE, {"status": "running", "parameters": injected})
         ok, error, seconds = execute(sweep.notebook, run_dir / "notebook.ipynb", injected, sweep.kernel,
                                      sweep.timeout, threads=max(1, (os.cpu_count() or 1) // jobs))

@@ -53,6 +53,15 @@ def _subset(text: str):
     return n
 
 
+def _gamma(text: str):
+    if text == "median":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'median', got {text!r}") from None
+
+
 def _terms(text: str):
     if text.lower() == "none":
         return []
@@ -118,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("diversity term")
     g.add_argument("--diversity-terms", type=_terms, help="comma list of spatial,channel,branch or 'none' "
                                                           "(default: the variant's)")
-    g.add_argument("--gamma", type=float, help="RBF bandwidth of the similarity (paper: 10)")
+    g.add_argument("--gamma", type=_gamma,
+                   help="RBF bandwidth of the similarity (paper: 10), or 'median': the median heuristic "
+                        "1 / median ||phi_l - phi_k||^2, recomputed on every batch")
     g.add_argument("--diagonal", choices=("paper", "reference"),
                    help="'paper': unit diagonal; 'reference': the public code's zero diagonal")
     g.add_argument("--reduction", choices=("det", "logdet"), help="det (paper) or jittered logdet")
@@ -151,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise a new ESR branch randomly or as a copy of the last one")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of train held out for model selection when the dataset has no val split")
-    g.add_argument("--train-transform", choices=("esr_train", "rafdb_train", "manet_train", "eval"),
+    g.add_argument("--train-transform", choices=("esr_train", "light_train", "rafdb_train", "manet_train", "eval"),
                    help="augmentation preset (default: the model's)")
     g.add_argument("--imagenet-normalize", action="store_true", help="ImageNet mean/std normalisation")
     g.add_argument("--random-erasing", action="store_true", help="append RandomErasing to the train transform")

@@ -44,10 +44,18 @@ def channel_pool(maps: torch.Tensor) -> torch.Tensor:
     return maps.mean(dim=(-2, -1))
 
 
-def _check_gamma(gamma: float) -> float:
+#: ``gamma="median"``: the median heuristic, recomputed on every batch (see :func:`resolve_gamma`).
+MEDIAN = "median"
+
+
+def _check_gamma(gamma) -> float | str:
+    if isinstance(gamma, str):
+        if gamma != MEDIAN:
+            raise ValueError(f"gamma={gamma!r}: expected a finite number > 0 or 'median'")
+        return gamma
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma <= 0:
-        raise ValueError(f"gamma={gamma!r}: expected a finite number > 0")
+        raise ValueError(f"gamma={gamma!r}: expected a finite number > 0 or 'median'")
     return gamma
 
 
@@ -144,6 +152,46 @@ class _KernelMean(torch.autograd.Function):
         return _sq_distances_backward(g_d2, fc, keep), None
 
 
+def _pair_sq_distances(f: torch.Tensor) -> torch.Tensor:
+    """``f (L, N, D)`` -> ``(L(L-1)/2, N)`` squared distances of every learner pair ``l < k``
+    (no gradient)."""
+    with torch.no_grad():
+        d2, _, _ = _centred_sq_distances(f.detach().transpose(0, 1))        # (N, L, L)
+        L = f.shape[0]
+        iu = torch.triu_indices(L, L, offset=1, device=f.device)
+        return d2[:, iu[0], iu[1]].transpose(0, 1)
+
+
+def resolve_gamma(features: torch.Tensor, gamma=10.0) -> float:
+    """The bandwidth used for ``features`` ``(L, N, *dims)``: ``gamma`` itself, or for
+    ``gamma="median"`` the median heuristic ``1 / median ||phi_l(x_i) - phi_k(x_i)||^2`` over
+    every learner pair ``l < k`` and sample ``i`` of this batch, so the median kernel argument
+    is 1 and ``S`` cannot saturate at either end whatever the features' scale. It is recomputed
+    on every batch (a running estimate, not fixed per stage) and carries no gradient. Identical
+    learners (median 0) give 1.
+    """
+    gamma = _check_gamma(gamma)
+    if gamma != MEDIAN:
+        return gamma
+    f = _as_learner_batch(features, check_finite=False)
+    if f.shape[0] < 2:
+        return 1.0
+    med = float(_pair_sq_distances(f).median())
+    return 1.0 / med if med > 0 and math.isfinite(med) else 1.0
+
+
+def kernel_arguments(features: torch.Tensor, gamma=10.0) -> torch.Tensor:
+    """``gamma * ||phi_l(x_i) - phi_k(x_i)||^2`` of every learner pair ``l < k`` and sample ``i``:
+    ``(L(L-1)/2, N)``, no gradient (with ``gamma`` resolved as :func:`resolve_gamma` does).
+
+    The diagnostic of a saturated term: arguments far above ~10 give ``S_lk`` of 0 in float32
+    (``exp(-87)`` underflows) and no gradient; far below ~0.01 give ``S_lk ~ 1`` (learners
+    indistinguishable at this bandwidth).
+    """
+    f = _as_learner_batch(features, check_finite=False)
+    return _pair_sq_distances(f) * resolve_gamma(f, gamma)
+
+
 def pairwise_sq_distances(features: torch.Tensor) -> torch.Tensor:
     """Per-sample squared distances between learners: ``(L, N, D) -> (N, L, L)``.
 
@@ -157,13 +205,13 @@ def pairwise_sq_distances(features: torch.Tensor) -> torch.Tensor:
     return _SquaredDistances.apply(features.transpose(0, 1))
 
 
-def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Diagonal = "paper",
+def similarity_matrix(features: torch.Tensor, gamma: float | str = 10.0, diagonal: Diagonal = "paper",
                       *, check_finite: bool = True) -> torch.Tensor:
     """RBF similarity between learners, averaged over samples.
 
     ``S_lk = mean_i exp(-gamma * ||f_l,i - f_k,i||^2)`` for ``features`` of shape
     ``(L, N, *dims)``; returns ``S`` of shape ``(L, L)`` (float32, or float64 for
-    float64 input), exactly symmetric. ``diagonal="paper"`` gives ``S_ll = 1`` (the paper's
+    float64 input), exactly symmetric. ``gamma="median"``: :func:`resolve_gamma`. ``diagonal="paper"`` gives ``S_ll = 1`` (the paper's
     formula, symmetric positive semi-definite); ``diagonal="reference"`` sets ``S_ll = 0``
     as the authors' public code does, which makes ``det`` change sign with L.
     Vectorised over pairs and samples (no Python loop); differentiable.
@@ -175,7 +223,7 @@ def similarity_matrix(features: torch.Tensor, gamma: float = 10.0, diagonal: Dia
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = _as_learner_batch(features, check_finite)
         L = f.shape[0]
-        K = _KernelMean.apply(f.transpose(0, 1), gamma)                      # (L, L)
+        K = _KernelMean.apply(f.transpose(0, 1), resolve_gamma(f, gamma))    # (L, L)
         K = 0.5 * (K + K.transpose(0, 1))                                    # exact symmetry
         eye = torch.eye(L, dtype=torch.bool, device=f.device)
         S = K.masked_fill(eye, 1.0 if diagonal == "paper" else 0.0).to(f.dtype)
@@ -204,7 +252,7 @@ def reduce_similarity(S: torch.Tensor, reduction: Reduction = "det", diagonal: D
     raise ValueError(f"reduction={reduction!r}: expected 'det' or 'logdet'")
 
 
-def diversity(features: torch.Tensor, gamma: float = 10.0, diagonal: Diagonal = "paper",
+def diversity(features: torch.Tensor, gamma: float | str = 10.0, diagonal: Diagonal = "paper",
               reduction: Reduction = "det", *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Diversity of L learners: returns ``(D, S)``.
 
@@ -231,7 +279,8 @@ class DiversityConfig:
     """Which diversity terms to add and how; part of a model's config.
 
     - ``terms``: subset of :data:`TERMS`; empty means no diversity (plain CE).
-    - ``gamma``: RBF bandwidth (10 in every published experiment).
+    - ``gamma``: RBF bandwidth (10 in every published experiment), or ``"median"``: calibrated
+      on every batch by the median heuristic (:func:`resolve_gamma`).
     - ``diagonal``: ``"paper"`` (unit diagonal) or ``"reference"`` (public code's zero diagonal).
     - ``reduction``: ``"det"`` (paper) or ``"logdet"`` (jittered, safer gradients).
     - ``weight``: multiplier of each term in the loss (1 in the paper).
@@ -241,7 +290,7 @@ class DiversityConfig:
     """
 
     terms: tuple[str, ...] = ()
-    gamma: float = 10.0
+    gamma: float | str = 10.0
     diagonal: Diagonal = "paper"
     reduction: Reduction = "det"
     weight: float = 1.0
@@ -252,7 +301,7 @@ class DiversityConfig:
         unknown = [t for t in self.terms if t not in TERMS]
         if unknown:
             raise ValueError(f"diversity terms {unknown} are unknown; expected a subset of {TERMS}")
-        _check_gamma(self.gamma)
+        self.gamma = _check_gamma(self.gamma)
         if self.diagonal not in ("paper", "reference"):
             raise ValueError(f"diagonal={self.diagonal!r}: expected 'paper' or 'reference'")
         if self.reduction not in ("det", "logdet"):
@@ -301,4 +350,21 @@ def diversity_terms(learner_features: dict[str, torch.Tensor], config: Diversity
         if f.shape[0] < 2:
             continue
         out[term] = diversity(f, config.gamma, config.diagonal, config.reduction)
+    return out
+
+
+def term_diagnostics(learner_features: dict[str, torch.Tensor], config: DiversityConfig,
+                     terms: tuple[str, ...]) -> dict[str, dict]:
+    """Per term (with at least two learners): ``{"gamma": the bandwidth used, "kernel_args":
+    (L(L-1)/2 * N,) the kernel arguments}`` (:func:`kernel_arguments`), without gradient, for the
+    same features, normalisation and gamma as :func:`diversity_terms`."""
+    out = {}
+    for term in terms:
+        if term not in learner_features:
+            continue
+        f = prepare(learner_features[term].detach(), config.normalize)
+        if f.shape[0] < 2:
+            continue
+        g = resolve_gamma(f, config.gamma)
+        out[term] = {"gamma": g, "kernel_args": kernel_arguments(f, g).flatten()}
     return out

@@ -369,12 +369,17 @@ def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> Da
 class EpochMeter:
     """Accumulates a phase's losses, accuracies, diversity and similarity on the device."""
 
+    #: quantiles of the kernel arguments recorded per term (``karg_sp_q50`` ...)
+    QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
     def __init__(self):
         self.n = 0
         self.batches = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.sim: dict[str, torch.Tensor] = {}
         self.sim_batches: dict[str, int] = {}
+        self.kargs: dict[str, list] = {}
+        self.gammas: dict[str, list] = {}
 
     def _add(self, key, value, weight):
         v = value.detach().float() * weight
@@ -395,6 +400,10 @@ class EpochMeter:
             k = TERM_ABBREV[term]
             self.sim[k] = self.sim[k] + S.detach().float() if k in self.sim else S.detach().float()
             self.sim_batches[k] = self.sim_batches.get(k, 0) + 1
+        for term, d in lo.diagnostics.items():
+            k = TERM_ABBREV[term]
+            self.kargs.setdefault(k, []).append(d["kernel_args"].float().cpu())
+            self.gammas.setdefault(k, []).append(d["gamma"])
         for head, score in heads.items():
             pred = score.argmax(dim=1) if score.dim() == 2 else score
             self._add(f"acc_{head}", (pred == hard).float().sum(), 1)
@@ -403,19 +412,36 @@ class EpochMeter:
         """(scalars averaged over samples, similarity matrices averaged over batches as numpy)."""
         scalars = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
         sims = {k: (v / self.sim_batches[k]).cpu().numpy() for k, v in self.sim.items()}
+        for k, S in sims.items():
+            off = S[~np.eye(S.shape[0], dtype=bool)]
+            if off.size:
+                scalars[f"S_offdiag_{k}"] = float(off.mean())          # 0: saturated, 1: learners identical
+                scalars[f"S_offdiag_max_{k}"] = float(off.max())
+        for k, parts in self.kargs.items():
+            args = torch.cat(parts)
+            qs = torch.quantile(args.double(), torch.tensor(self.QUANTILES, dtype=torch.float64))
+            scalars.update({f"karg_{k}_q{round(q * 100):02d}": float(v) for q, v in zip(self.QUANTILES, qs)})
+            scalars[f"gamma_{k}"] = float(np.mean(self.gammas[k]))
         return scalars, sims
 
 
 def _grad_norms(model, lo) -> dict[str, float]:
-    """Norm of the parameter gradient of the CE part and of each diversity term in the loss."""
+    """Norm of the parameter gradient of the CE part, of each diversity term in the loss and of
+    the whole loss; ``gradshare_D_<t>``: the norm of the term's weighted gradient over the loss's."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     parts = {"ce": lo.ce_total}
     parts.update({f"D_{TERM_ABBREV[t]}": lo.diversity[t] for t in lo.in_loss})
+    if lo.in_loss:
+        parts["total"] = lo.total
     for key, value in parts.items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=value.device))
         out[f"gradnorm_{key}"] = float(sq.sqrt())
+    weight = getattr(getattr(model, "diversity", None), "weight", 1.0)
+    for t in lo.in_loss:
+        k = f"D_{TERM_ABBREV[t]}"
+        out[f"gradshare_{k}"] = weight * out[f"gradnorm_{k}"] / max(out["gradnorm_total"], 1e-30)
     return out
 
 
@@ -617,7 +643,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     runs.write_json(run.env, runs.environment(device))
 
     # ---- state: fresh or from last.pt ----
-    state = {"stage": 0, "epoch": -1, "history": [], "sims": [], "best_score": -math.inf, "best_epoch": None,
+    state = {"stage": 0, "epoch": -1, "history": [], "sims": [], "warnings": [], "best_score": -math.inf, "best_epoch": None,
              "elapsed": 0.0}
     ckpt = runs.load_checkpoint(run.last) if resume and run.last.exists() else None
     if ckpt is not None:
@@ -673,6 +699,8 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
                       **_flatten("train", tr), **_flatten("val", va), "time_s": time.perf_counter() - t0}
             state["history"].append(record)
             state["sims"].append({"train": tr_sim, "val": va_sim})
+            for msg in saturation_warnings(tr, stage.index, epoch, state.setdefault("warnings", [])):
+                log.warning("%s: %s", run.path.name, msg)
             score = va[f"acc_{model.main_head}"]
             if score > state["best_score"]:
                 state.update(best_score=score, best_epoch=epoch)
@@ -690,6 +718,35 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
         ckpt = None
 
     return _finish(run, cfg, stages, state, data, device, t_start, callbacks)
+
+
+#: A term is saturated when every off-diagonal of its epoch-mean S is below this and its share of
+#: the loss's gradient (first batch of the epoch) is below this too.
+SATURATION = 1e-3
+
+
+def saturation_warnings(scalars: dict, stage: int, epoch: int, seen: list) -> list[str]:
+    """Messages for the diversity terms that are saturated in this epoch's training ``scalars``
+    (off-diagonals of S and gradient share both below :data:`SATURATION`), each term once per
+    stage; appends ``{"stage", "epoch", "term", "S_offdiag_max", "gradshare", "kernel_arg_median"}``
+    records to ``seen`` (kept in ``metrics.json``)."""
+    out = []
+    for key in sorted(k for k in scalars if k.startswith("gradshare_D_")):
+        t = key[len("gradshare_D_"):]
+        smax, share = scalars.get(f"S_offdiag_max_{t}"), scalars[key]
+        if smax is None or not (smax < SATURATION and share < SATURATION):
+            continue
+        if any(w["stage"] == stage and w["term"] == t for w in seen):
+            continue
+        med = scalars.get(f"karg_{t}_q50", float("nan"))
+        seen.append({"stage": stage, "epoch": epoch, "term": t, "S_offdiag_max": smax, "gradshare": share,
+                     "kernel_arg_median": med})
+        out.append(f"stage {stage + 1} epoch {epoch + 1}: diversity term D_{t} is saturated (largest off-diagonal "
+                   f"of S {smax:.1e}, {share:.1e} of the loss's gradient, median kernel argument gamma*d^2 "
+                   f"{med:.3g}): its learners are so far apart at this gamma that exp(-gamma d^2) is 0 and the "
+                   "term does not steer training. Calibrate the bandwidth (gamma='median', CLI --gamma median), "
+                   "normalise the pooled features (--normalize l2) or lower --gamma.")
+    return out
 
 
 def _step_before_epoch(scheduler) -> None:
@@ -746,6 +803,7 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
         "train_time_s": state["elapsed"],
         "classes": list(data.classes),
         "test_split": data.describe["roles"].get("test"),
+        "saturation_warnings": state.get("warnings", []),
     }
     val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
     metrics["val"], _ = run_epoch(model, val_loader, device)

@@ -29,6 +29,8 @@ SEQUENTIAL = "viridis"     # similarity matrices, confusion matrices (perceptual
 ATTENTION = "inferno"      # attention overlays
 ENSEMBLE_COLOR = "#000000"
 TERM_LABELS = {"sp": "spatial", "ch": "channel", "b": "branch"}
+#: Floor of the log scales (similarity, 1 - det): values below it, exact zeros included, are drawn at it.
+LOG_FLOOR = 1e-12
 
 
 def set_style() -> None:
@@ -61,12 +63,18 @@ def _labels(L: int, prefix: str = "B") -> list[str]:
 
 # ---- similarity and determinants ---------------------------------------------------------
 def plot_similarity(S: np.ndarray, ax=None, title: str | None = None, labels: Sequence[str] | None = None,
-                    annotate: bool | None = None, vmin: float = 0.0, vmax: float = 1.0, colorbar: bool = True):
+                    annotate: bool | None = None, vmin: float = 0.0, vmax: float = 1.0, colorbar: bool = True,
+                    scale: str = "linear"):
     """Heatmap of a similarity matrix ``S`` ``(L, L)`` with fixed limits ``[vmin, vmax]``.
 
+    ``scale="log"`` shows ``S`` on a log colour scale from :data:`LOG_FLOOR` to 1 (values below
+    the floor drawn at it), so a saturated term's off-diagonals (``1e-30`` or exactly 0, which a
+    linear scale shows as a plain identity matrix) are told apart from merely small ones.
     NaN rows/columns (learners absent at that epoch) are dropped. Values are annotated
     when ``L <= 10`` unless ``annotate`` says otherwise. Returns the axes.
     """
+    from matplotlib.colors import LogNorm
+
     S = np.asarray(S, dtype=float)
     keep = ~np.all(np.isnan(S), axis=1)
     S = S[keep][:, keep]
@@ -74,7 +82,17 @@ def plot_similarity(S: np.ndarray, ax=None, title: str | None = None, labels: Se
     labels = list(labels) if labels is not None else _labels(L)
     if ax is None:
         _, ax = plt.subplots(figsize=(0.45 * L + 1.6, 0.45 * L + 1.2))
-    im = ax.imshow(S, vmin=vmin, vmax=vmax, cmap=SEQUENTIAL)
+    if scale == "log":
+        shown = np.clip(S, LOG_FLOOR, None)
+        im = ax.imshow(shown, norm=LogNorm(vmin=LOG_FLOOR, vmax=1.0), cmap=SEQUENTIAL)
+        level = lambda v: (np.log10(max(v, LOG_FLOOR)) - np.log10(LOG_FLOOR)) / -np.log10(LOG_FLOOR)  # noqa: E731
+        fmt = lambda v: f"{v:.2f}" if v >= 0.01 else ("0" if v <= 0 else f"{v:.0e}")  # noqa: E731
+    elif scale == "linear":
+        im = ax.imshow(S, vmin=vmin, vmax=vmax, cmap=SEQUENTIAL)
+        level = lambda v: (v - vmin) / (vmax - vmin + 1e-12)  # noqa: E731
+        fmt = lambda v: f"{v:.2f}"  # noqa: E731
+    else:
+        raise ValueError(f"scale={scale!r}: expected 'linear' or 'log'")
     ax.set_xticks(range(L), labels[:L], rotation=90 if L > 8 else 0)
     ax.set_yticks(range(L), labels[:L])
     ax.tick_params(length=0)
@@ -84,8 +102,8 @@ def plot_similarity(S: np.ndarray, ax=None, title: str | None = None, labels: Se
         for i in range(L):
             for j in range(L):
                 v = S[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if (v - vmin) / (vmax - vmin + 1e-12) < 0.6 else "black")
+                ax.text(j, i, fmt(v), ha="center", va="center", fontsize=6 if L <= 6 else 5,
+                        color="white" if level(v) < 0.6 else "black")
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
@@ -93,9 +111,21 @@ def plot_similarity(S: np.ndarray, ax=None, title: str | None = None, labels: Se
     return ax
 
 
+def saturated(S: np.ndarray, threshold: float = 1e-3) -> bool:
+    """Whether every off-diagonal of ``S`` (NaN rows dropped) is below ``threshold``."""
+    S = np.asarray(S, dtype=float)
+    keep = ~np.all(np.isnan(S), axis=1)
+    S = S[keep][:, keep]
+    off = S[~np.eye(S.shape[0], dtype=bool)]
+    return bool(off.size) and bool(np.nanmax(off) < threshold)
+
+
 def plot_similarity_epochs(similarity: dict, term: str = "sp", phase: str = "train",
-                           which: Sequence[int] | None = None):
+                           which: Sequence[int] | None = None, scale: str = "auto"):
     """Similarity matrices of ``term`` at chosen epochs (default: first and last), side by side.
+
+    ``scale``: ``"linear"``, ``"log"`` or ``"auto"`` (log when every shown matrix's off-diagonals
+    are below 0.05); a matrix whose off-diagonals are all below 1e-3 is titled "saturated".
 
     ``similarity`` is a run's ``similarity.npz`` as a dict (arrays ``<phase>_S_<term>``
     of shape ``(E, L, L)``, plus ``stage``/``epoch``).
@@ -108,12 +138,15 @@ def plot_similarity_epochs(similarity: dict, term: str = "sp", phase: str = "tra
     if not valid:
         raise ValueError(f"{key}: no epoch has two or more learners")
     which = list(which) if which is not None else sorted({valid[0], valid[-1]})
+    if scale == "auto":   # a log scale when every shown matrix's off-diagonals are small
+        scale = "log" if all(saturated(stack[e], 0.05) for e in which) else "linear"
     fig, axes = plt.subplots(1, len(which), figsize=(3.2 * len(which), 3.0), squeeze=False)
     for ax, e in zip(axes[0], which):
         st, ep = int(similarity["stage"][e]), int(similarity["epoch"][e])
-        plot_similarity(stack[e], ax=ax, title=f"epoch {e + 1} (stage {st + 1}, ep. {ep + 1})",
-                        colorbar=ax is axes[0][-1])
-    fig.suptitle(f"{TERM_LABELS.get(term, term)} similarity S ({phase})")
+        flag = " - saturated" if saturated(stack[e]) else ""
+        plot_similarity(stack[e], ax=ax, title=f"epoch {e + 1} (stage {st + 1}, ep. {ep + 1}){flag}",
+                        colorbar=ax is axes[0][-1], scale=scale)
+    fig.suptitle(f"{TERM_LABELS.get(term, term)} similarity S ({phase}{', log scale' if scale == 'log' else ''})")
     fig.tight_layout()
     return fig
 
@@ -131,26 +164,84 @@ def _stage_lines(ax, history) -> None:
 
 
 def plot_determinant_trends(history, terms: Sequence[str] | None = None, ax=None, phases=("train", "val"),
-                            label_prefix: str = ""):
+                            label_prefix: str = "", scale: str = "auto"):
     """``D = det(S)`` per epoch for each diversity term (solid train, dashed val), ESR stage
-    boundaries dotted. ``history`` is a run's ``history.csv`` as a DataFrame."""
+    boundaries dotted. ``history`` is a run's ``history.csv`` as a DataFrame.
+
+    ``scale``: ``"linear"`` (det(S) in [0, 1]), ``"log1m"`` (``1 - det(S)`` on a log axis: a
+    saturated term, det = 1 to many decimals, sits at the bottom instead of on a flat line at 1)
+    or ``"auto"`` (``log1m`` when every plotted value is above 0.99).
+    """
     if terms is None:
         terms = [c.split("_D_")[1] for c in history.columns if c.startswith("train_D_")]
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 2.8))
     x = history["global_epoch"] + 1
+    cols = [f"{p}_D_{t}" for t in terms for p in phases if f"{p}_D_{t}" in history]
+    values = np.concatenate([history[c].to_numpy(dtype=float) for c in cols]) if cols else np.array([])
+    values = values[np.isfinite(values)]
+    if scale == "auto":
+        scale = "log1m" if values.size and values.min() > 0.99 else "linear"
+    if scale not in ("linear", "log1m"):
+        raise ValueError(f"scale={scale!r}: expected 'linear', 'log1m' or 'auto'")
     for i, term in enumerate(terms):
         for phase, ls in zip(phases, ("-", "--")):
             col = f"{phase}_D_{term}"
             if col in history:
-                ax.plot(x, history[col], ls=ls, color=PALETTE[i % len(PALETTE)], marker="o", ms=2.5,
+                y = history[col].to_numpy(dtype=float)
+                y = np.clip(1.0 - y, LOG_FLOOR, None) if scale == "log1m" else y
+                ax.plot(x, y, ls=ls, color=PALETTE[i % len(PALETTE)], marker="o", ms=2.5,
                         label=f"{label_prefix}{TERM_LABELS.get(term, term)} ({phase})")
     _stage_lines(ax, history)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("det(S)")
-    ax.set_ylim(-0.02, 1.02)
+    if scale == "log1m":
+        ax.set_yscale("log")
+        ax.set_ylim(LOG_FLOOR / 2, 1.5)
+        ax.set_ylabel("1 - det(S)  (near 0: saturated)")
+    else:
+        ax.set_ylabel("det(S)")
+        ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     return ax
+
+
+def plot_diversity_diagnostics(history, terms: Sequence[str] | None = None, phase: str = "train"):
+    """Is each diversity term in its working range? Three panels per epoch: the kernel arguments
+    ``gamma * ||phi_l - phi_k||^2`` (median, 5-95 % band; log axis, the range 0.1-10 where
+    ``exp(-arg)`` neither vanishes nor stays at 1 shaded), the mean off-diagonal of ``S`` (log),
+    and the term's share of the loss's gradient (log). A saturated term shows arguments far above
+    10, off-diagonals near 0 and a share near 0 at a glance."""
+    if terms is None:
+        terms = sorted({c.split("_")[2] for c in history.columns if c.startswith(f"{phase}_karg_")})
+    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.0))
+    x = history["global_epoch"] + 1
+    axes[0].axhspan(0.1, 10.0, color="#EEEEEE", zorder=0)
+    for i, t in enumerate(terms):
+        color = PALETTE[i % len(PALETTE)]
+        name = TERM_LABELS.get(t, t)
+        med = history.get(f"{phase}_karg_{t}_q50")
+        if med is not None:
+            lo, hi = history[f"{phase}_karg_{t}_q05"], history[f"{phase}_karg_{t}_q95"]
+            axes[0].fill_between(x, np.clip(lo, LOG_FLOOR, None), np.clip(hi, LOG_FLOOR, None), color=color,
+                                 alpha=0.2, lw=0)
+            axes[0].plot(x, np.clip(med, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
+        off = history.get(f"{phase}_S_offdiag_{t}")
+        if off is not None:
+            axes[1].plot(x, np.clip(off, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
+        share = history.get(f"train_gradshare_D_{t}")
+        if share is not None:
+            axes[2].plot(x, np.clip(share, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
+    titles = ("kernel argument gamma d^2 (median, 5-95 %)", "mean off-diagonal of S", "share of the loss gradient")
+    for ax, title in zip(axes, titles):
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("epoch")
+        _stage_lines(ax, history)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[1].set_ylim(LOG_FLOOR / 2, 1.5)
+    fig.tight_layout()
+    return fig
 
 
 def plot_accuracy_curves(history, phase: str = "val", ax=None):
@@ -432,6 +523,8 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
             plot_determinant_trends(h, ax=ax)
             fig.tight_layout()
             emit(fig, "determinant_trends")
+        if any(c.startswith("train_karg_") for c in h.columns):
+            emit(plot_diversity_diagnostics(h), "diversity_diagnostics")
     for key in sorted(run.similarity):
         if key.startswith("train_S_"):
             term = key[len("train_S_"):]

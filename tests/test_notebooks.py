@@ -49,14 +49,23 @@ def test_notebook_defaults_are_the_demo():
         assert eval(defaults[key]) == value, key                       # noqa: S307 (our own notebook)
 
 
-def test_01_diversity_explained(tmp_path):
-    run_nb("01_diversity_explained", tmp_path, output_dir=str(tmp_path / "out"), L_max=7)
+def test_01_diversity_explained(tmp_path, tiny_run):
+    run_nb("01_diversity_explained", tmp_path, output_dir=str(tmp_path / "out"), L_max=7, run_dir=str(tiny_run),
+           n_faces=16)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["max_abs_error"] < 1e-12
     assert res["reference_rewards_similarity_for_L"] == [3, 5, 7]      # odd L: the public code's sign flip
     figs = sorted((tmp_path / "out" / "figures").iterdir())
-    assert {p.stem for p in figs} == {"det_vs_distance", "diagonal_conventions"}
+    assert {p.stem for p in figs} == {"det_vs_distance", "diagonal_conventions", "run_saturation"}
     assert all(valid_figure(p) for p in figs)
+    rows = pd.DataFrame(res["run_saturation"]["rows"])
+    assert set(rows["term"]) == {"spatial", "channel"} and set(rows["gamma"]) == {"10.0", "median"}
+    median = rows[rows["gamma"] == "median"]
+    assert ((median["karg_median"] - 1).abs() < 1e-3).all() and (median["grad_norm"] > 0).all()
+    # without a run the section says what to do instead of failing
+    run_nb("01_diversity_explained", tmp_path / "none", output_dir=str(tmp_path / "none"), L_max=3,
+           run_dir=str(tmp_path / "missing"))
+    assert json.loads((tmp_path / "none" / "results.json").read_text())["run_saturation"]["rows"] == []
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-PRESETS = ("esr_train", "rafdb_train", "manet_train", "eval")
+PRESETS = ("esr_train", "light_train", "rafdb_train", "manet_train", "eval")
 #: RandomErasing's area range in the diversity paper's RAF-DB scripts (torchvision's default: 0.02-0.33).
 ERASING_SCALE = (0.02, 0.25)
 #: RandomCrop padding of the RAF-DB scripts (fixed in pixels: 32 at 96 px and at 224 px).
@@ -26,6 +26,9 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
 
     - ``esr_train``: ColorJitter(brightness 0.5, contrast 0.5), horizontal flip,
       RandomAffine(30 deg, translate 0.1, scale 1.0-1.25, bilinear), resize to ``size``.
+    - ``light_train`` (fer_lab's CPU protocol on small faces): horizontal flip and a mild
+      RandomAffine(10 deg, translate 0.1, scale 0.95-1.05, bilinear), resize to ``size``; no
+      colour jitter.
     - ``rafdb_train`` (the diversity paper's ``esr_rafdb.py`` and ``manet_rafdb.py``): resize to
       ``size``, horizontal flip, and with probability 0.2 both RandomRotation(20 deg) and
       RandomCrop(``size``, padding 32).
@@ -51,6 +54,13 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
             v2.RandomHorizontalFlip(),
             # bilinear, as the public scripts ask (torchvision's default is nearest); masks stay nearest
             v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(1.0, 1.25),
+                            interpolation=v2.InterpolationMode.BILINEAR),
+        ]
+    elif preset == "light_train":
+        ops += [
+            v2.Resize((size, size), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.95, 1.05),
                             interpolation=v2.InterpolationMode.BILINEAR),
         ]
     elif preset == "rafdb_train":

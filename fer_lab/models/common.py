@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..diversity import DiversityConfig, diversity_terms
+from ..diversity import DiversityConfig, diversity_terms, term_diagnostics
 
 
 @dataclass
@@ -24,6 +24,9 @@ class LossOutput:
     - ``similarity``: ``{term: S}`` similarity matrices ``(L, L)``
     - ``in_loss``: the terms that ``total`` includes
     - ``ce_total``: the supervised part of ``total`` (what ``total`` would be without diversity)
+    - ``diagnostics``: ``{term: {"gamma": bandwidth used, "kernel_args": (P,) gamma * squared
+      distances of every learner pair and sample}}`` (no gradient;
+      :func:`fer_lab.diversity.term_diagnostics`)
     """
 
     total: torch.Tensor
@@ -32,6 +35,7 @@ class LossOutput:
     similarity: dict = field(default_factory=dict)
     in_loss: tuple = ()
     ce_total: torch.Tensor | None = None
+    diagnostics: dict = field(default_factory=dict)
 
 
 #: Heads whose scores carry no gradient (a vote): Grad-CAM and other gradient methods skip them.
@@ -62,7 +66,7 @@ def diversity_loss(features: dict, config: DiversityConfig, monitor: tuple[str, 
     both = {**terms, **watched}
     return LossOutput(total=total, ce=ce, diversity={k: v[0] for k, v in both.items()},
                       similarity={k: v[1] for k, v in both.items()}, in_loss=tuple(terms),
-                      ce_total=ce_total)
+                      ce_total=ce_total, diagnostics=term_diagnostics(features, config, tuple(both)))
 
 
 def multi_head_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
