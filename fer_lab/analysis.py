@@ -3,8 +3,9 @@
 Helpers behind ``notebooks/04_attention_explorer.ipynb``: pick a CBAM layer's spatial
 attention for every branch, compute Grad-CAM per branch, and measure how much of each
 map falls inside the synthetic faces' expression regions
-(:func:`fer_lab.data.synthetic.attention_in_regions`). Returns arrays and DataFrames;
-plotting is :mod:`fer_lab.viz`'s job.
+(:func:`fer_lab.data.synthetic.attention_in_regions`); and how differently an ensemble's
+learners behave (:func:`prediction_disagreement`, :func:`attention_overlap`,
+:func:`branch_agreement`). Returns arrays and DataFrames; plotting is :mod:`fer_lab.viz`'s job.
 """
 from __future__ import annotations
 
@@ -111,3 +112,65 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
             row[key] = sum(p[key] for p in parts) / n
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ---- how different are the learners? ---------------------------------------------------------
+def _offdiag_mean(M: np.ndarray) -> float:
+    off = M[~np.eye(M.shape[0], dtype=bool)]
+    return float(off.mean()) if off.size else float("nan")
+
+
+def prediction_disagreement(predictions) -> np.ndarray:
+    """Pairwise disagreement of ``L`` learners: ``(L, N)`` predicted classes or ``(L, N, K)``
+    scores -> ``(L, L)`` share of samples on which learners ``l`` and ``k`` predict different
+    classes (0 on the diagonal)."""
+    p = np.asarray(predictions)
+    p = p.argmax(axis=-1) if p.ndim == 3 else p
+    return (p[:, None, :] != p[None, :, :]).mean(axis=-1)
+
+
+def attention_overlap(maps) -> np.ndarray:
+    """Pairwise overlap of ``L`` learners' spatial maps ``(L, N, h, w)`` (non-negative): each map
+    normalised to sum 1, then the histogram intersection ``sum_hw min(p_l, p_k)`` averaged over
+    the ``N`` samples -> ``(L, L)``: 1 where two learners spread their attention identically,
+    0 where they look at disjoint places (1 on the diagonal)."""
+    m = np.asarray(maps, dtype=np.float64)
+    L, N = m.shape[:2]
+    p = m.reshape(L, N, -1).clip(min=0)
+    p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)
+    return np.minimum(p[:, None], p[None, :]).sum(axis=-1).mean(axis=-1)
+
+
+@torch.no_grad()
+def branch_agreement(model, dataset, batch_size: int = 256, max_items: int | None = None) -> dict:
+    """How differently an ensemble's learners behave on ``dataset`` (e.g. the reported split).
+
+    Returns JSON-able ``{"n", "disagreement" (L, L), "disagreement_mean", "overlap_<source>" (L, L),
+    "overlap_<source>_mean"}`` where sources are ``features`` (the channel mean of each branch's
+    last feature map, defined for every ESR) and, with CBAM, ``attention`` (each branch's last
+    spatial attention). Only the branches in the ensemble (``num_active``) are compared.
+    """
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    n = len(dataset) if max_items is None else min(len(dataset), int(max_items))
+    preds, feats, atts = [], [], []
+    try:
+        for start in range(0, n, batch_size):
+            x, _, _ = _batch(dataset, range(start, min(n, start + batch_size)))
+            out = model(x.to(device))
+            k = getattr(out, "num_active", None) or out.branch_logits.shape[0]
+            preds.append(out.branch_logits[:k].argmax(-1).cpu().numpy())
+            feats.append(out.features[:k].mean(dim=2).float().cpu().numpy())
+            if out.spatial_attention is not None:
+                atts.append(out.spatial_attention[:k].float().cpu().numpy())
+    finally:
+        model.train(was)
+    res = {"n": n}
+    D = prediction_disagreement(np.concatenate(preds, axis=1))
+    res.update(disagreement=D.tolist(), disagreement_mean=_offdiag_mean(D))
+    for name, parts in (("features", feats), ("attention", atts)):
+        if parts:
+            O = attention_overlap(np.concatenate(parts, axis=1))
+            res.update({f"overlap_{name}": O.tolist(), f"overlap_{name}_mean": _offdiag_mean(O)})
+    return res

@@ -113,3 +113,37 @@ def test_saturation_is_visible_in_the_figures(tmp_path):
     assert [ln.get_label() for ln in fig.axes[0].lines if not ln.get_label().startswith("_")] == ["spatial"]
     paths = viz.save_figure(fig, tmp_path, "diag")
     assert sorted(p.suffix for p in paths) == [".pdf", ".png", ".svg"]
+
+
+def test_disagreement_and_overlap_against_hand_counts():
+    from fer_lab.analysis import attention_overlap, prediction_disagreement
+
+    preds = np.array([[0, 1, 2, 3], [0, 1, 0, 0], [1, 1, 2, 3]])
+    D = prediction_disagreement(preds)
+    np.testing.assert_allclose(D, [[0, 0.5, 0.25], [0.5, 0, 0.75], [0.25, 0.75, 0]])
+    scores = np.eye(4)[preds]                                   # one-hot scores give the same
+    np.testing.assert_allclose(prediction_disagreement(scores), D)
+    a = np.zeros((3, 1, 2, 2))
+    a[0, 0, 0, 0] = 1                       # all mass top-left
+    a[1, 0, 0, 0] = a[1, 0, 1, 1] = 2       # half top-left, half bottom-right
+    a[2, 0, 1, 0] = 5                       # bottom-left only
+    np.testing.assert_allclose(attention_overlap(a), [[1, 0.5, 0], [0.5, 1, 0], [0, 0, 1]])
+
+
+def test_branch_agreement_on_a_model():
+    from fer_lab.analysis import branch_agreement
+    from fer_lab.models import build_model
+
+    class Faces(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)), 0
+
+    m = build_model("esr9_div", num_branches=3, width=0.25, input_size=48)
+    r = branch_agreement(m, Faces(), batch_size=4)
+    assert r["n"] == 10 and np.array(r["disagreement"]).shape == (3, 3)
+    assert 0 <= r["disagreement_mean"] <= 1 and 0 < r["overlap_attention_mean"] <= 1 and "overlap_features" in r
+    m.active_branches = 2
+    assert np.array(branch_agreement(m, Faces(), max_items=5)["disagreement"]).shape == (2, 2)

@@ -204,3 +204,15 @@ def test_sweep_errors(tmp_path):
     dup = load_sweep(_sweep(tmp_path, {"model": ["esr9"], "seed": [0, 1]}, run_name="{model}"))
     with pytest.raises(ValueError, match="run name"):
         dup.points()
+    # variants: rows that are not a product of parameter lists; the preset fills the rest
+    study = load_sweep(NOTEBOOKS_DIR / "sweeps" / "study_ferplus_cpu.yaml")
+    study.fixed["data_root"] = "/data/ferplus"
+    points = dict(study.points())
+    assert len(points) == 15 and list(points)[:2] == ["esr4-s0", "esr4_att-s0"]
+    p = points["esr4_div_median-s1"]
+    assert (p["model"], p["gamma"], p["seed"], p["branches"], p["image_size"], p["preset"]) == \
+        ("esr9_div", "median", 1, 4, 48, "ferplus_cpu")
+    assert points["esr4_div_zero-s2"]["diagonal"] == "reference" and points["esr4-s0"]["gamma"] is None
+    bad.write_text("name: x\nnotebook: 02_train_esr.ipynb\nvariants: {a: {model: esr9}}\ngrid: {variant: [a, b]}\n")
+    with pytest.raises(ValueError, match="not in 'variants'"):
+        load_sweep(bad)
