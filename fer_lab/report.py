@@ -60,7 +60,8 @@ def _run_dirs(paths: Iterable) -> list[Path]:
 def collect_runs(paths: Iterable) -> "pd.DataFrame":  # noqa: F821
     """One row per finished run found under ``paths``.
 
-    Columns: ``run`` (path), ``model``, ``dataset``, ``seed``, ``gamma``, ``diagonal``,
+    Columns: ``run`` (path), ``model``, ``variant`` (the model plus what the run changed in the
+    diversity term, e.g. ``esr9_div, gamma median``), ``dataset``, ``seed``, ``gamma``, ``diagonal``,
     ``terms``, ``head`` (the selected head), ``test_acc`` / ``val_acc`` (that head, in %),
     ``test_acc_<head>`` for every head, ``test_D_<term>``, ``epochs``, ``train_time_s``.
     Unfinished runs (no ``metrics.json``) are left out.
@@ -75,7 +76,8 @@ def collect_runs(paths: Iterable) -> "pd.DataFrame":  # noqa: F821
         train, model = cfg["train"], cfg["model"]
         head = m["selected"]["head"]
         test = m.get("test", {})
-        row = {"run": str(d), "model": train["model"], "dataset": train["dataset"], "seed": train["seed"],
+        row = {"run": str(d), "model": train["model"], "variant": _variant(train["model"], model),
+               "dataset": train["dataset"], "seed": train["seed"],
                "gamma": model["diversity"]["gamma"], "diagonal": model["diversity"]["diagonal"],
                "terms": "+".join(model["diversity"]["terms"]) or "none", "head": head,
                "test_acc": 100 * test[f"acc_{head}"] if f"acc_{head}" in test else np.nan,
@@ -87,8 +89,24 @@ def collect_runs(paths: Iterable) -> "pd.DataFrame":  # noqa: F821
     return pd.DataFrame(rows)
 
 
+def _variant(name: str, model_config: dict) -> str:
+    """The registry name, plus what the run changed in the diversity term (``esr9_div, gamma
+    median, zero diagonal``), so runs of one model with other terms form their own rows."""
+    div = model_config.get("diversity") or {}
+    extra = []
+    if div.get("terms"):
+        if div.get("gamma", 10.0) != 10.0:
+            extra.append(f"gamma {div['gamma']}")
+        if div.get("diagonal") == "reference":
+            extra.append("zero diagonal")
+        if div.get("normalize", "none") != "none":
+            extra.append(f"{div['normalize']}-normalised")
+    return ", ".join([name, *extra])
+
+
 def table1(runs: "pd.DataFrame", metric: str = "test_acc", published: bool = True) -> "pd.DataFrame":  # noqa: F821
-    """Table 1 layout: rows = variant, columns = dataset; cells ``mean ± std (n)`` over seeds.
+    """Table 1 layout: rows = variant (``runs["variant"]``, else the model), columns = dataset;
+    cells ``mean ± std (n)`` over seeds.
 
     With ``published``, a ``<dataset> (published)`` column follows each dataset that has a
     published number. Rows follow the paper's order; variants without a row name keep
@@ -98,22 +116,31 @@ def table1(runs: "pd.DataFrame", metric: str = "test_acc", published: bool = Tru
 
     if runs.empty:
         return pd.DataFrame()
-    stats = runs.groupby(["model", "dataset"])[metric].agg(["mean", "std", "count"]).reset_index()
-    order = [m for m in VARIANT_ROWS if m in set(stats["model"])] + sorted(set(stats["model"]) - set(VARIANT_ROWS))
-    table = pd.DataFrame(index=[VARIANT_ROWS.get(m, m) for m in order])
+    if "variant" not in runs:
+        runs = runs.assign(variant=runs["model"])
+    stats = runs.groupby(["variant", "dataset"])[metric].agg(["mean", "std", "count"]).reset_index()
+    model_of = dict(zip(runs["variant"], runs["model"]))
+    rank = {m: i for i, m in enumerate(VARIANT_ROWS)}
+    order = sorted(set(stats["variant"]), key=lambda v: (rank.get(model_of[v], len(rank)), model_of[v], v))
+
+    def label(v):
+        base = VARIANT_ROWS.get(model_of[v], model_of[v])
+        return base + v[len(model_of[v]):]
+
+    table = pd.DataFrame(index=[label(v) for v in order])
     for ds in sorted(set(stats["dataset"]), key=lambda d: list(DATASET_COLUMNS).index(d) if d in DATASET_COLUMNS
                      else 99):
         col = DATASET_COLUMNS.get(ds, ds)
         cells = []
         for m in order:
-            r = stats[(stats["model"] == m) & (stats["dataset"] == ds)]
+            r = stats[(stats["variant"] == m) & (stats["dataset"] == ds)]
             if r.empty:
                 cells.append("")
                 continue
             mean, std, n = r.iloc[0]["mean"], r.iloc[0]["std"], int(r.iloc[0]["count"])
             cells.append(f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)")
         table[col] = cells
-        if published and any(col in PUBLISHED.get(m, {}) for m in order):
+        if published and any(col in PUBLISHED.get(m, {}) for m in order):   # a published row: the model as such
             table[f"{col} (published)"] = [PUBLISHED.get(m, {}).get(col, np.nan) for m in order]
     table.index.name = "variant"
     return table

@@ -107,3 +107,14 @@ def test_table1_layout():
     assert t.loc["ESR-9", "RAF-DB"] == ""
     md = markdown_table(t)
     assert md.splitlines()[0].startswith("| variant | FER+ |") and len(md.splitlines()) == 4
+    # runs that change the diversity term form their own rows, without a published number
+    from fer_lab.report import _variant
+
+    cfg = {"diversity": {"terms": ["spatial"], "gamma": "median", "diagonal": "reference", "normalize": "none"}}
+    assert _variant("esr9_div", cfg) == "esr9_div, gamma median, zero diagonal"
+    assert _variant("esr9", {"diversity": {"terms": [], "gamma": 3.0}}) == "esr9"
+    study = runs.assign(variant=["esr9_div", "esr9_div, gamma median", "esr9", "esr9_div"])
+    t = table1(study)
+    assert list(t.index) == ["ESR-9", "ESR*-9 (+ spatial + channel div)", "ESR*-9 (+ spatial + channel div), gamma median"]
+    assert t.loc["ESR*-9 (+ spatial + channel div), gamma median", "FER+"] == "90.00 (n=1)"
+    assert np.isnan(t.loc["ESR*-9 (+ spatial + channel div), gamma median", "FER+ (published)"])
