@@ -114,6 +114,10 @@ def markdown(result: dict) -> str:
                      f"{_fmt(s['train_time_s'], 1, 0)} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
                      f"{_sci(s.get('gradshare_sp'))} | {_fmt(s.get('disagreement_mean'))} | "
                      f"{_fmt(s.get('overlap_attention_mean'), 1, 3)} | {_fmt(s.get('overlap_features_mean'), 1, 3)} |")
+    lines.append("")
+    lines.append("Kernel arguments, S and gradient share: last epoch, training split; ESR-4 (no CBAM) monitors "
+                 "its pooled feature maps, the others the last CBAM's maps; a term not in the loss has no "
+                 "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches.")
     return "\n".join(lines)
 
 
@@ -154,6 +158,7 @@ def figures(result: dict, batch: Path, docs: Path) -> list[Path]:
             if "train_gradshare_D_sp" in h:
                 axes[2].plot(x, h["train_gradshare_D_sp"].clip(lower=viz.LOG_FLOOR), **kw)
     axes[0].axhspan(0.1, 10, color="#EEEEEE", zorder=0)
+    axes[1].set_ylim(viz.LOG_FLOOR / 2, 1.5)
     for ax, title in zip(axes, ("median kernel argument, spatial term", "mean off-diagonal of S, spatial",
                                 "share of the loss gradient, spatial term")):
         ax.set_yscale("log")

@@ -21,6 +21,7 @@ from fer_lab.runs import atomic_write_bytes
 HERE = Path(__file__).resolve().parent
 STEPS = [("train_step.py", []), ("cbam_position.py", []), ("diversity_speed.py", []), ("inference.py", []),
          ("branch_execution.py", [])]
+# bench/ferplus_cpu.py (real FER+, about an hour) runs on its own; its results are reported here too
 
 
 def _fmt(v, digits=2):
@@ -86,6 +87,16 @@ def report() -> str:
                 for shape, r in cp["shapes"].items()]
         lines += _table(["shape", "ESR-9 s/step", "ESR* after_pool s/step", "x ESR-9", "ESR* before_pool s/step",
                          "x ESR-9", "after / before"], rows)
+    fc = C.load("ferplus_cpu")
+    if fc:
+        lines += ["## FER+ on 2 CPU cores (`bench/ferplus_cpu.py`)", "",
+                  "Selected on a 10 % hold-out of FER2013Train, FER2013Valid reported; each entry names its machine.", ""]
+        rows = [(name, e.get("description"), 100 * e["ferplus_valid_acc"],
+                 100 * e["ferplus_valid_acc_softmax_mean"] if e.get("ferplus_valid_acc_softmax_mean") else None,
+                 100 * e["val_acc"], e["train_time_s"], e["epochs"], e["machine"]["cpu"], e["machine"]["date"][:10])
+                for name, e in fc["entries"].items()]
+        lines += _table(["entry", "what", "FER2013Valid %", "softmax mean %", "hold-out %", "train s", "epochs",
+                         "cpu", "date"], rows)
     ds = C.load("diversity_speed")
     if ds:
         lines += ["## Diversity term against the public code's double loop (CPU)", "",
