@@ -20,6 +20,13 @@ ERASING_SCALE = (0.02, 0.25)
 RAFDB_CROP_PADDING = 32
 
 
+def _affine(degrees: float, scale: tuple[float, float]) -> v2.RandomAffine:
+    """RandomAffine with translation 0.1, interpolating bilinearly as the public scripts ask
+    (torchvision's default is nearest); region masks are still moved with nearest."""
+    return v2.RandomAffine(degrees=degrees, translate=(0.1, 0.1), scale=scale,
+                           interpolation=v2.InterpolationMode.BILINEAR)
+
+
 def build_transform(preset: str, size: int = 96, *, normalize: str | None = None,
                     random_erasing: bool = False, rgb: bool = True) -> v2.Compose:
     """Transform for ``preset`` at ``size`` px.
@@ -47,32 +54,22 @@ def build_transform(preset: str, size: int = 96, *, normalize: str | None = None
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size={size!r}: expected an int >= 8 (pixels)")
     ops: list = [v2.RGB()] if rgb else []
+    resize = v2.Resize((size, size), antialias=True)
     if preset == "esr_train":
-        ops += [
-            v2.Resize((size, size), antialias=True),
-            v2.ColorJitter(brightness=0.5, contrast=0.5),
-            v2.RandomHorizontalFlip(),
-            # bilinear, as the public scripts ask (torchvision's default is nearest); masks stay nearest
-            v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(1.0, 1.25),
-                            interpolation=v2.InterpolationMode.BILINEAR),
-        ]
+        ops += [resize, v2.ColorJitter(brightness=0.5, contrast=0.5), v2.RandomHorizontalFlip(),
+                _affine(30, (1.0, 1.25))]
     elif preset == "light_train":
-        ops += [
-            v2.Resize((size, size), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.95, 1.05),
-                            interpolation=v2.InterpolationMode.BILINEAR),
-        ]
+        ops += [resize, v2.RandomHorizontalFlip(), _affine(10, (0.95, 1.05))]
     elif preset == "rafdb_train":
         ops += [
-            v2.Resize((size, size), antialias=True),
+            resize,
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.RandomRotation(20), v2.RandomCrop((size, size), padding=RAFDB_CROP_PADDING)], p=0.2),
         ]
     elif preset == "manet_train":
         ops += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
     else:
-        ops += [v2.Resize((size, size), antialias=True)]
+        ops += [resize]
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if normalize == "imagenet":
         ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
