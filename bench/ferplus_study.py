@@ -9,11 +9,21 @@ FER2013Valid (:func:`fer_lab.analysis.branch_agreement`, cached in the run as
 ``bench/results/ferplus_study.json`` (small, committed), ``docs/study_*.png`` figures (no
 face images) and prints the README table.
 
+The study is longer than one working session on 2 cores (15 runs of 10-20 minutes), and run
+directories under ``outputs/`` do not outlive the machine, so every run's record (numbers and
+per-epoch diagnostics) is kept in the committed JSON: runs recorded there count even when their
+directory is gone, as long as they were trained with the current protocol (a fingerprint of
+the ``ferplus_cpu`` preset's fields; records of another protocol are dropped and reported).
+``--todo`` prints the runs still missing, for the batch's ``--runs``:
+
     python bench/ferplus_study.py [--batch outputs/batches/study-ferplus-cpu]
+    python -m fer_lab batch notebooks/sweeps/study_ferplus_cpu.yaml --set data_root=... \
+        --runs $(python bench/ferplus_study.py --todo)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +38,32 @@ LABELS = {"esr4": "ESR-4", "esr4_att": "ESR-4 + CBAM", "esr4_div": "ESR*-4, gamm
           "esr4_div_median": "ESR*-4, gamma median", "esr4_div_zero": "ESR*-4, gamma 10, zero diagonal"}
 
 
+SWEEP = REPO / "notebooks" / "sweeps" / "study_ferplus_cpu.yaml"
+#: per-epoch columns kept in each run's record (the diagnostics figure)
+SERIES = ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp", "val_acc_vote")
+#: preset fields a study variant may change (the rest is the protocol)
+VARIANT_KEYS = {"model"}
+VARIANT_OPTIONS = {"gamma", "diagonal", "normalize"}
+
+
+def protocol_fingerprint(train_cfg: dict) -> str:
+    """sha256 (12 hex) of what the protocol fixes: the ``ferplus_cpu`` preset's fields as the run
+    had them, without what a variant changes (model, gamma, diagonal)."""
+    from fer_lab.presets import preset_fields
+
+    keys = sorted(set(preset_fields("ferplus_cpu")) - VARIANT_KEYS - {"preset"})
+    fixed = {k: train_cfg.get(k) for k in keys}
+    fixed["model_options"] = {k: v for k, v in sorted((train_cfg.get("model_options") or {}).items())
+                              if k not in VARIANT_OPTIONS}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def current_fingerprint() -> str:
+    from fer_lab.presets import preset_fields
+
+    return protocol_fingerprint(preset_fields("ferplus_cpu"))
+
+
 def run_record(run: Path) -> dict:
     """The numbers of one finished run."""
     import pandas as pd
@@ -39,7 +75,9 @@ def run_record(run: Path) -> dict:
     m = read_json(run / "metrics.json")
     h = pd.read_csv(run / "history.csv")
     last = h.iloc[-1]
-    rec = {"seed": read_json(run / "config.json")["train"]["seed"], "train_time_s": m["train_time_s"],
+    cfg = read_json(run / "config.json")["train"]
+    rec = {"run": run.name, "protocol": protocol_fingerprint(cfg), "seed": cfg["seed"],
+           "train_time_s": m["train_time_s"],
            "epochs": len(h), "holdout_acc": m["selected"]["val_score"],
            "valid_acc_vote": m["test"]["acc_vote"], "valid_acc_softmax_mean": m["test"]["acc_ensemble"],
            "valid_acc_branches": [m["test"][k] for k in sorted(m["test"]) if k.startswith("acc_branch_")],
@@ -59,7 +97,39 @@ def run_record(run: Path) -> dict:
         agree = branch_agreement(r.load_model(), r.eval_dataset("test"))
         write_json(cache, agree)
     rec.update({k: v for k, v in agree.items() if k.endswith("_mean") or k == "n"})
+    rec["series"] = {c: [float(x) for x in h[c]] for c in SERIES if c in h}
     return rec
+
+
+def collect(batch: Path, previous: dict | None) -> dict[str, list]:
+    """``{variant: [record]}``: the batch's finished runs, plus the runs recorded in ``previous``
+    (the committed JSON) that the batch does not hold, when their protocol is the current one."""
+    import pandas as pd
+
+    now = current_fingerprint()
+    runs: dict[str, dict[str, dict]] = {}
+    for v, s in ((previous or {}).get("variants") or {}).items():
+        for rec in s.get("runs", []):
+            if rec.get("protocol") != now:
+                print(f"dropped {rec.get('run', v)}: trained with protocol {rec.get('protocol')}, "
+                      f"the preset is now {now}", file=sys.stderr)
+                continue
+            runs.setdefault(v, {})[rec["run"]] = rec
+    if (batch / "summary.csv").is_file():
+        for row in pd.read_csv(batch / "summary.csv").itertuples():
+            if row.status == "done" and (batch / row.run / "metrics.json").is_file():
+                rec = run_record(batch / row.run)
+                if rec["protocol"] == now:
+                    runs.setdefault(row.variant, {})[row.run] = rec
+    return {v: sorted(r.values(), key=lambda x: x["seed"]) for v, r in runs.items()}
+
+
+def todo(recorded: dict[str, list]) -> list[str]:
+    """Runs of the study sweep with no record under the current protocol."""
+    from fer_lab.batch import load_sweep
+
+    have = {rec["run"] for recs in recorded.values() for rec in recs}
+    return [name for name, _ in load_sweep(SWEEP).points() if name not in have]
 
 
 def _stats(values) -> dict:
@@ -69,23 +139,16 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
 
 
-def summarise(batch: Path) -> dict:
-    import pandas as pd
-
-    summary = pd.read_csv(batch / "summary.csv")
-    runs: dict[str, list] = {}
-    for row in summary.itertuples():
-        if row.status != "done":
-            continue
-        runs.setdefault(row.variant, []).append(run_record(batch / row.run))
+def summarise(runs: dict[str, list], batch: Path) -> dict:
     variants = {}
     for v in [v for v in ORDER if v in runs] + sorted(set(runs) - set(ORDER)):
         recs = runs[v]
-        keys = sorted({k for r in recs for k, x in r.items() if isinstance(x, (int, float)) and k != "seed"})
+        keys = sorted({k for r in recs for k, x in r.items()
+                       if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "seed"})
         variants[v] = {"label": LABELS.get(v, v), "runs": recs, **{k: _stats([r.get(k) for r in recs]) for k in keys}}
     return {"what": "FER+ (majority labels), ferplus_cpu protocol, selected on a 10 % hold-out of FER2013Train, "
                     "FER2013Valid reported; mean, sd (ddof 1) and n over seeds", "batch": str(batch),
-            "variants": variants}
+            "protocol": current_fingerprint(), "variants": variants, "todo": todo(runs)}
 
 
 def _fmt(s: dict, scale: float = 100.0, digits: int = 1) -> str:
@@ -121,10 +184,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def figures(result: dict, batch: Path, docs: Path) -> list[Path]:
+def figures(result: dict, docs: Path) -> list[Path]:
     """Accuracy per variant (each seed a point) and the diagnostics over epochs, one colour per variant."""
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     from fer_lab import viz
 
@@ -145,18 +207,14 @@ def figures(result: dict, batch: Path, docs: Path) -> list[Path]:
     fig.tight_layout()
     written += viz.save_figure(fig, docs, "study_accuracy", formats=("png",))
     fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.0))
-    summary = pd.read_csv(batch / "summary.csv")
     for i, v in enumerate(names):
-        for row in summary[(summary["variant"] == v) & (summary["status"] == "done")].itertuples():
-            h = pd.read_csv(batch / row.run / "history.csv")
-            x = h["global_epoch"] + 1
+        for j, rec in enumerate(result["variants"][v]["runs"]):
+            h = rec.get("series", {})
             kw = dict(color=viz.PALETTE[i % len(viz.PALETTE)], lw=1, alpha=0.85,
-                      label=result["variants"][v]["label"] if row.seed == 0 else None)
-            if "train_karg_sp_q50" in h:
-                axes[0].plot(x, h["train_karg_sp_q50"].clip(lower=viz.LOG_FLOOR), **kw)
-                axes[1].plot(x, h["train_S_offdiag_sp"].clip(lower=viz.LOG_FLOOR), **kw)
-            if "train_gradshare_D_sp" in h:
-                axes[2].plot(x, h["train_gradshare_D_sp"].clip(lower=viz.LOG_FLOOR), **kw)
+                      label=result["variants"][v]["label"] if j == 0 else None)
+            for ax, col in zip(axes, ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp")):
+                if col in h:
+                    ax.plot(np.arange(1, len(h[col]) + 1), np.clip(h[col], viz.LOG_FLOOR, None), **kw)
     axes[0].axhspan(0.1, 10, color="#EEEEEE", zorder=0)
     axes[1].set_ylim(viz.LOG_FLOOR / 2, 1.5)
     for ax, title in zip(axes, ("median kernel argument, spatial term", "mean off-diagonal of S, spatial",
@@ -174,13 +232,20 @@ def figures(result: dict, batch: Path, docs: Path) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=Path, default=BATCH)
+    ap.add_argument("--todo", action="store_true", help="print the runs not recorded yet (for batch --runs) and exit")
     args = ap.parse_args(argv)
-    if not (args.batch / "summary.csv").is_file():
-        print(f"no batch at {args.batch}: run the study sweep first", file=sys.stderr)
+    saved = C.RESULTS / "ferplus_study.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else None
+    runs = collect(args.batch, previous)
+    if args.todo:
+        print(" ".join(todo(runs)))
+        return 0
+    if not runs:
+        print(f"no finished run in {args.batch} nor in {saved}: run the study sweep first", file=sys.stderr)
         return 1
-    result = summarise(args.batch)
+    result = summarise(runs, args.batch)
     C.save("ferplus_study", result)
-    figures(result, args.batch, REPO / "docs")
+    figures(result, REPO / "docs")
     print(markdown(result))
     print(json.dumps({v: s["valid_acc_vote"] for v, s in result["variants"].items()}))
     return 0

@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ from fer_lab.data import build_dataset, build_transform  # noqa: E402
 from fer_lab.data.cache import unpack_once  # noqa: E402
 from fer_lab.models import build_model, count_parameters  # noqa: E402
 from fer_lab.runs import write_json  # noqa: E402
+from fer_lab.utils import batches  # noqa: E402
 
 SHARED = Path(os.environ.get("FER_LAB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 ARCHIVE = SHARED / "ferplus" / "ferplus_train_valid.tar.gz"
@@ -65,13 +67,18 @@ def data_root(n_synthetic: int, tmp: Path) -> tuple[Path, str]:
     return tmp, "synthetic faces written as 48 px PNGs (no real data found)"
 
 
-def pipeline_rate(ds, n: int, workers: int, batch: int = 32, seed: int = 0) -> float:
-    """Images/s through a shuffled DataLoader over ``n`` random items of ``ds`` (after one warm batch)."""
+#: a competing process: one thread of matrix products until killed
+BUSY = "import torch; torch.set_num_threads(1); a = torch.randn(256, 256)\nwhile True: a @ a"
+
+
+def pipeline_rate(ds, n: int, workers: int, batch: int = 32, seed: int = 0, one_thread: bool = False) -> float:
+    """Images/s through a shuffled DataLoader over ``n`` random items of ``ds`` (after one warm batch);
+    ``one_thread``: through :func:`fer_lab.utils.batches` (one intra-op thread while a batch is built)."""
     idx = np.random.default_rng(seed).choice(len(ds), size=n + batch, replace=False)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(Subset(ds, idx), batch_size=batch, shuffle=True, generator=g, num_workers=workers,
                         drop_last=True, persistent_workers=False)
-    it = iter(loader)
+    it = batches(loader) if one_thread else iter(loader)
     next(it)  # worker start-up and first batch excluded
     t0 = time.perf_counter()
     seen = 0
@@ -141,6 +148,26 @@ def main(argv=None) -> int:
                 rate = pipeline_rate(ds, n, workers)
                 results["pipeline"].append({"source": src, "workers": workers, "images_per_s": rate})
                 print(f"pipeline {src:5s} workers={workers}: {rate:7.0f} images/s", flush=True)
+        # the engine's loading in the training process: light_train at 48 px (ferplus_cpu), batch 128,
+        # with the training's thread count as is, and through fer_lab.utils.batches (1 thread per batch)
+        torch.set_num_threads(args.threads)
+        light = build_dataset("ferplus", root=root, split="train", transform=build_transform("light_train", 48),
+                              cache=cache_dir)
+        results["threads"] = {"transform": "light_train at 48 px", "batch": 128, "workers": 0,
+                              "torch_threads": args.threads}
+        # ... on an idle machine and beside one busy single-threaded process (a notebook, a test run)
+        for load in ("idle", "busy"):
+            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load == "busy" else None
+            try:
+                for key, one in (("training_threads", False), ("one_thread", True)):
+                    rate = pipeline_rate(light, n, 0, batch=128, one_thread=one)
+                    results["threads"][f"images_per_s_{load}_{key}"] = rate
+                    print(f"pipeline light_train 48 px, {load} machine, {key}: {rate:7.0f} images/s", flush=True)
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+        torch.set_num_threads(1)
         results["cache_file"] = str(Path(os.path.relpath(cached.cache_file, ROOT)))
         results["cache_build_or_open_s"] = cache_open_s
 

@@ -35,6 +35,7 @@ grid point. Dict-valued parameters (``model_options``, ``data_options``,
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import logging
@@ -271,19 +272,37 @@ def _summary_row(name: str, params: dict, run_dir: Path) -> dict:
     return row
 
 
-def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: bool = True) -> Path:
+def select_runs(names: list[str], patterns: list[str] | None) -> set[str]:
+    """The run names matching any of the shell-style ``patterns`` (``esr4_div*-s1``); every
+    name when ``patterns`` is empty; a pattern that matches nothing is an error."""
+    if not patterns:
+        return set(names)
+    chosen = set()
+    for pat in patterns:
+        hits = fnmatch.filter(names, pat)
+        if not hits:
+            raise ValueError(f"runs pattern {pat!r} matches no run of the sweep; its runs are: {', '.join(names)}")
+        chosen.update(hits)
+    return chosen
+
+
+def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: bool = True,
+              runs: list[str] | None = None) -> Path:
     """Execute every pending grid point of ``sweep``; returns the summary CSV's path.
 
     Finished runs (status ``done``) are skipped; failed ones are retried unless
-    ``retry_failed=False``. ``summary.csv`` lists every grid point with its status,
-    parameters, time, error and, for training notebooks, the selected head's accuracy.
+    ``retry_failed=False``; ``runs`` (shell-style patterns of run names) restricts which
+    grid points execute (the others are left as they are). ``summary.csv`` lists every grid
+    point with its status, parameters, time, error and, for training notebooks, the selected
+    head's accuracy.
     """
     sweep = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
     if jobs < 1:
         raise ValueError(f"jobs={jobs!r}: expected an int >= 1")
     sweep.check_required()
-    check_kernel(sweep.kernel)
     points = sweep.points()
+    chosen = select_runs([n for n, _ in points], runs)
+    check_kernel(sweep.kernel)
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_json(sweep.directory / "sweep.json", {"name": sweep.name, "notebook": str(sweep.notebook),
                                                "preset": sweep.preset, "fixed": sweep.fixed, "grid": sweep.grid, "timeout": sweep.timeout,
@@ -314,12 +333,13 @@ def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: boo
         write_summary()
 
     write_summary()
+    todo = [item for item in points if item[0] in chosen]
     if jobs == 1:
-        for item in points:
+        for item in todo:
             one(item)
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(one, points))
+            list(pool.map(one, todo))
     write_summary()
     return summary
 

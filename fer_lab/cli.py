@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                     help="override or add a fixed parameter, e.g. data_root=/data/FERPlus (VALUE parsed as JSON)")
     bt.add_argument("--no-retry", action="store_true", help="skip failed runs too instead of retrying them")
+    bt.add_argument("--runs", nargs="+", metavar="PATTERN",
+                    help="execute only the runs whose names match these shell-style patterns (e.g. 'esr4_div*-s1')")
 
     da = sub.add_parser("data", help="dataset tools (check)")
     dsub = da.add_subparsers(dest="data_command", required=True)
@@ -341,7 +343,7 @@ def run_batch_command(args) -> int:
 
     sweep = load_sweep(args.sweep)
     sweep.fixed.update(dict(args.set))
-    summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry)
+    summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry, runs=args.runs)
     import pandas as pd
 
     table = pd.read_csv(summary)

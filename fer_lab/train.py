@@ -36,7 +36,7 @@ from .protocols import PROTOCOLS as _PROTOCOL_CLASSES, Protocol, Stage, make_pro
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
 from .models.common import TERM_ABBREV
-from .utils import derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, pick_device, set_seed
+from .utils import batches, derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, pick_device, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,8 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
                               enabled=amp != "none")
     with torch.set_grad_enabled(training):
-        bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(batches(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
+                   total=len(loader) if hasattr(loader, "__len__") else None)
         for i, (x, y) in enumerate(bar):
             x = _input(x, device, model)
             y = y.to(device, non_blocking=True)
@@ -506,7 +507,7 @@ def predict(model, loader, device) -> dict[str, np.ndarray]:
     """Scores of every head on ``loader`` in eval mode: ``{head: (N, K) or (N,)}``, plus ``target``."""
     model.eval()
     acc: dict[str, list] = {}
-    for x, y in loader:
+    for x, y in batches(loader):
         out = model(_input(x, device, model))
         for head, score in model.heads(out).items():
             s = score.float().softmax(dim=1) if score.dim() == 2 else score

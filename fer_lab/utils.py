@@ -65,6 +65,33 @@ def flush_denormal():
         torch.set_flush_denormal(False)
 
 
+def batches(loader):
+    """Iterate ``loader``, assembling each batch with one intra-op thread when the loader works
+    in this process (``num_workers == 0``), then restoring the thread count for the model.
+
+    A training transform is dozens of tiny tensor ops per face. On an idle machine the thread
+    count makes no difference to them, but when another process shares the cores (a second
+    notebook, a test run beside a batch), every one of those ops waits for OpenMP threads that
+    are descheduled, and loading a face costs several times its single-threaded price
+    (``bench/input_pipeline.py``, entry ``threads``, idle and busy). The switch happens once per
+    batch: once per item it costs more than it saves.
+    """
+    if getattr(loader, "num_workers", 0) > 0:
+        yield from loader
+        return
+    it = iter(loader)
+    threads = torch.get_num_threads()
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
     if str(device) == "auto":

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fer_lab.batch import NOTEBOOKS_DIR, execute, load_sweep, run_batch
+from fer_lab.batch import NOTEBOOKS_DIR, execute, load_sweep, run_batch, select_runs
 from fer_lab.cli import DEMO
 
 from conftest import make_ferplus
@@ -173,6 +173,12 @@ def test_batch_records_failures_and_skips_finished_runs(tmp_path):
     assert done.stat().st_mtime_ns == stamp
     again = pd.read_csv(summary).set_index("run")
     assert (again["status"] == table["status"]).all()
+    # --runs: only the matching grid point executes (a failed one is retried), the rest stay
+    failed = {n: (tmp_path / "tiny" / n / "notebook.ipynb").stat().st_mtime_ns for n in ("esr7-s0", "esr7-s1")}
+    run_batch(sweep, runs=["esr7-s0"])
+    assert (tmp_path / "tiny" / "esr7-s0" / "notebook.ipynb").stat().st_mtime_ns != failed["esr7-s0"]
+    assert (tmp_path / "tiny" / "esr7-s1" / "notebook.ipynb").stat().st_mtime_ns == failed["esr7-s1"]
+    assert done.stat().st_mtime_ns == stamp and len(pd.read_csv(summary)) == 4
 
     # Table 1 from the batch: 05 aggregates the two seeds
     run_nb("05_reproduce_table", tmp_path, batch_dirs=[str(tmp_path / "tiny")], output_dir=str(tmp_path / "rep"))
@@ -213,6 +219,11 @@ def test_sweep_errors(tmp_path):
     assert (p["model"], p["gamma"], p["seed"], p["branches"], p["image_size"], p["preset"]) == \
         ("esr9_div", "median", 1, 4, 48, "ferplus_cpu")
     assert points["esr4_div_zero-s2"]["diagonal"] == "reference" and points["esr4-s0"]["gamma"] is None
+    assert select_runs(list(points), ["esr4_div*-s1", "esr4-s0"]) == {"esr4-s0", "esr4_div-s1", "esr4_div_median-s1",
+                                                                     "esr4_div_zero-s1"}
+    assert select_runs(list(points), None) == set(points)
+    with pytest.raises(ValueError, match="'esr5-s0' matches no run"):
+        select_runs(list(points), ["esr5-s0"])
     bad.write_text("name: x\nnotebook: 02_train_esr.ipynb\nvariants: {a: {model: esr9}}\ngrid: {variant: [a, b]}\n")
     with pytest.raises(ValueError, match="not in 'variants'"):
         load_sweep(bad)

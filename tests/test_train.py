@@ -238,3 +238,37 @@ def test_atomic_writes_are_readable_by_others(tmp_path):
     path = runs.write_json(tmp_path / "r.json", {"a": 1})
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_batches_builds_each_batch_on_one_thread():
+    from torch.utils.data import DataLoader, Dataset
+
+    from fer_lab.utils import batches
+
+    class Probe(Dataset):
+        def __init__(self, fail_at=None):
+            self.seen, self.fail_at = [], fail_at
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            if i == self.fail_at:
+                raise IOError(f"item {i} unreadable")
+            self.seen.append(torch.get_num_threads())
+            return torch.tensor([float(i)]), i
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ds = Probe()
+        got = []
+        for x, y in batches(DataLoader(ds, batch_size=4)):
+            got += y.tolist()
+            assert torch.get_num_threads() == 2          # the model's step sees the training threads
+        assert got == list(range(10)) and ds.seen == [1] * 10
+        with pytest.raises(IOError, match="item 5"):
+            list(batches(DataLoader(Probe(fail_at=5), batch_size=4)))
+        assert torch.get_num_threads() == 2              # restored when loading fails
+    finally:
+        torch.set_num_threads(before)
