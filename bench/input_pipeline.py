@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fer_lab.data import build_dataset, build_transform  # noqa: E402
+from fer_lab.data.transforms import batch_transform  # noqa: E402
 from fer_lab.data.cache import unpack_once  # noqa: E402
 from fer_lab.models import build_model, count_parameters  # noqa: E402
 from fer_lab.runs import write_json  # noqa: E402
@@ -71,7 +72,8 @@ def data_root(n_synthetic: int, tmp: Path) -> tuple[Path, str]:
 BUSY = "import torch; torch.set_num_threads(1); a = torch.randn(256, 256)\nwhile True: a @ a"
 
 
-def pipeline_rate(ds, n: int, workers: int, batch: int = 32, seed: int = 0, one_thread: bool = False) -> float:
+def pipeline_rate(ds, n: int, workers: int, batch: int = 32, seed: int = 0, one_thread: bool = False,
+                  augment=None) -> float:
     """Images/s through a shuffled DataLoader over ``n`` random items of ``ds`` (after one warm batch);
     ``one_thread``: through :func:`fer_lab.utils.batches` (one intra-op thread while a batch is built)."""
     idx = np.random.default_rng(seed).choice(len(ds), size=n + batch, replace=False)
@@ -83,6 +85,8 @@ def pipeline_rate(ds, n: int, workers: int, batch: int = 32, seed: int = 0, one_
     t0 = time.perf_counter()
     seen = 0
     for x, _ in it:
+        if augment is not None:
+            x = augment(x)
         seen += x.shape[0]
     dt_ = time.perf_counter() - t0
     del it
@@ -167,6 +171,16 @@ def main(argv=None) -> int:
                 if busy is not None:
                     busy.kill()
                     busy.wait()
+        # per-face light_train against light_batch (eval per face + one BatchAffine per batch), batch 128
+        aug = batch_transform("light_batch")
+        per_batch = build_dataset("ferplus", root=root, split="train", transform=build_transform("light_batch", 48),
+                                  cache=cache_dir)
+        results["batch_augment"] = {
+            "transform": "48 px, batch 128, 0 workers, training threads",
+            "light_train_images_per_s": pipeline_rate(light, n, 0, batch=128, one_thread=True),
+            "light_batch_images_per_s": pipeline_rate(per_batch, n, 0, batch=128, one_thread=True, augment=aug)}
+        print(f"pipeline light_train {results['batch_augment']['light_train_images_per_s']:7.0f} images/s, "
+              f"light_batch {results['batch_augment']['light_batch_images_per_s']:7.0f} images/s", flush=True)
         torch.set_num_threads(1)
         results["cache_file"] = str(Path(os.path.relpath(cached.cache_file, ROOT)))
         results["cache_build_or_open_s"] = cache_open_s

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .data.transforms import PRESETS as TRANSFORM_PRESETS
 from .diversity import TERMS
 from .presets import PRESETS, format_presets, preset_fields, preset_help
 from .train import PROTOCOLS, TrainConfig, train
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise a new ESR branch randomly or as a copy of the last one")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of train held out for model selection when the dataset has no val split")
-    g.add_argument("--train-transform", choices=("esr_train", "light_train", "rafdb_train", "manet_train", "eval"),
-                   help="augmentation preset (default: the model's)")
+    g.add_argument("--train-transform", choices=TRANSFORM_PRESETS,
+                   help="augmentation preset (default: the model's; light_batch augments whole batches)")
     g.add_argument("--imagenet-normalize", action="store_true", help="ImageNet mean/std normalisation")
     g.add_argument("--random-erasing", action="store_true", help="append RandomErasing to the train transform")
     g = t.add_argument_group("run")

@@ -125,7 +125,7 @@ PRESETS: dict[str, dict] = {
                        data_options={"label_mode": "majority"}, label_space="affectnet8", image_size=48,
                        protocol="single", epochs=7, optimizer="adam", lr=2e-3, lr_step=3, lr_gamma=0.3,
                        lr_step_at="end", weight_decay=0.0, batch_size=128, eval_batch_size=256,
-                       subset_per_class=None, train_transform="light_train"),
+                       subset_per_class=None, train_transform="light_batch"),
         "script": "fer_lab's CPU protocol for real faces (not a published one): ESR-4 at quarter width on "
                   "native 48 px FER+ faces, every training face, all branches trained jointly with Adam, "
                   "mild augmentation; --model esr9_div for ESR*-4",

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from . import runs
 from .protocols import PROTOCOLS as _PROTOCOL_CLASSES, Protocol, Stage, make_protocol
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
+from .data.transforms import batch_transform
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
 from .models.common import TERM_ABBREV
 from .utils import batches, derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, pick_device, set_seed
@@ -455,12 +456,13 @@ def _input(x: torch.Tensor, device, model) -> torch.Tensor:
 
 
 def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None,
-              amp: str = "none", forward=None, scaler=None):
+              amp: str = "none", forward=None, scaler=None, augment=None):
     """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``.
 
     ``amp``: autocast dtype of the forward pass (``none``, ``bf16``, ``fp16``); ``forward``: the
     callable that runs the model (e.g. its ``torch.compile`` version; default the model);
-    ``scaler``: a ``torch.amp.GradScaler`` for fp16.
+    ``scaler``: a ``torch.amp.GradScaler`` for fp16; ``augment``: a batch augmentation applied
+    to each training batch on the device (:func:`fer_lab.data.transforms.batch_transform`).
     """
     from tqdm.auto import tqdm
 
@@ -476,6 +478,8 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
                    total=len(loader) if hasattr(loader, "__len__") else None)
         for i, (x, y) in enumerate(bar):
             x = _input(x, device, model)
+            if training and augment is not None:
+                x = augment(x)
             y = y.to(device, non_blocking=True)
             with autocast:
                 out = forward(x)
@@ -658,6 +662,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             runs.write_json(run.path / "init_weights.json", init_report)
         model = _place(protocol.begin_stage(model, stages[0]), device, cfg)
     t_start = time.perf_counter() - state["elapsed"]
+    augment = batch_transform(cfg.train_transform or model_spec(cfg.model).data.get("train_transform"))
 
     for stage in stages[state["stage"]:]:
         continuing = ckpt is not None and ckpt["state"]["stage"] == stage.index
@@ -690,7 +695,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             event = {"stage": stage.index, "epoch": epoch, "model": model}
             tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.progress,
                                    f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
-                                   callbacks, event, amp=cfg.amp, forward=forward, scaler=scaler)
+                                   callbacks, event, amp=cfg.amp, forward=forward, scaler=scaler, augment=augment)
             if cfg.lr_step_at == "end":
                 scheduler.step()
             va, va_sim = run_epoch(model, val_loader, device, progress=False)

@@ -789,3 +789,46 @@ def test_data_check_lists_every_problem_and_writes_nothing(tmp_path, capsys, mon
     rc = cli_main(["data", "check", "rafdb", str(tmp_path / "nothing"), "--split", "train"])
     out = capsys.readouterr().out
     assert rc == 1 and "list_patition_label.txt" in out
+
+
+@pytest.mark.parametrize("angle,tx,ty,scale,flip", [(0, 0, 0, 1, False), (0, 0, 0, 1, True), (0, 0.1, 0, 1, False),
+                                                    (30, 0, 0, 1, False), (-17, 0.1, -0.05, 1.1, False),
+                                                    (12, 0.05, 0.1, 0.9, True)])
+def test_batch_affine_equals_torchvision_per_face(angle, tx, ty, scale, flip):
+    """The batch warp of a face = torchvision's flip then affine of that face (bilinear, same parameters)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from fer_lab.data.transforms import BatchAffine
+
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    params = {"angle": torch.tensor([float(angle)], dtype=torch.float64), "flip": torch.tensor([flip]),
+              "scale": torch.tensor([float(scale)], dtype=torch.float64),
+              "tx": torch.tensor([float(tx)], dtype=torch.float64), "ty": torch.tensor([float(ty)], dtype=torch.float64)}
+    grid = torch.nn.functional.affine_grid(BatchAffine.theta(params).float(), [1, 3, 20, 20], align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    src = TF.horizontal_flip(x[0]) if flip else x[0]
+    ref = TF.affine(src, angle=angle, translate=[tx * 20, ty * 20], scale=scale, shear=[0.0, 0.0],
+                    interpolation=TF.InterpolationMode.BILINEAR)
+    assert torch.allclose(out[0], ref, atol=1e-5)
+
+
+def test_batch_preset_light_batch():
+    from fer_lab.data.transforms import BatchAffine, batch_transform
+
+    face = torch.randint(0, 256, (1, 48, 48), dtype=torch.uint8)
+    assert torch.equal(build_transform("light_batch", 48)(face), build_transform("eval", 48)(face))   # per face: eval
+    assert batch_transform("light_train") is None and batch_transform(None) is None
+    aug = batch_transform("light_batch")
+    torch.manual_seed(0)
+    p = aug.sample(20000)                                 # light_train's distributions
+    assert p["angle"].abs().max() <= 10 and abs(float(p["angle"].mean())) < 0.2
+    assert 0.95 <= float(p["scale"].min()) and float(p["scale"].max()) <= 1.05
+    assert p["tx"].abs().max() <= 0.1 and p["ty"].abs().max() <= 0.1 and abs(float(p["flip"].float().mean()) - 0.5) < 0.02
+    x = torch.rand(8, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    y = aug(x)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(y, x) and torch.equal(aug.eval()(x), x)   # identity in eval mode
+    with pytest.raises(ValueError, match="random_erasing with the batch preset"):
+        build_transform("light_batch", 48, random_erasing=True)
+    with pytest.raises(ValueError, match="degrees >= 0"):
+        BatchAffine(degrees=-1)

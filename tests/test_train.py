@@ -272,3 +272,17 @@ def test_batches_builds_each_batch_on_one_thread():
         assert torch.get_num_threads() == 2              # restored when loading fails
     finally:
         torch.set_num_threads(before)
+
+
+def test_batch_augmentation_trains_and_resumes(tiny_cfg):
+    kw = dict(model="esr9", protocol="single", epochs=2, train_transform="light_batch")
+    ref = train(tiny_cfg(name="batch-ref", **kw))
+    plain = train(tiny_cfg(name="batch-eval", **{**kw, "train_transform": "eval"}))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(name="batch-cut", **kw), callbacks=[Interrupt(0)])
+    resumed = train(tiny_cfg(name="batch-cut", **kw), resume=True)
+    h_ref, m_ref = _numbers(ref)
+    pd.testing.assert_frame_equal(h_ref, _numbers(resumed)[0])     # seeded per epoch: resume = uninterrupted
+    assert m_ref == _numbers(resumed)[1]
+    assert h_ref["train_loss"].iloc[0] != pytest.approx(_numbers(plain)[0]["train_loss"].iloc[0])  # it augments
+    assert runs.read_json(ref / "config.json")["train"]["train_transform"] == "light_batch"
