@@ -35,6 +35,10 @@ OUT = REPO / "outputs" / "bench" / "ferplus_cpu"
 ENTRIES = {
     "esr4": ("ESR-4 (no attention), the preset", dict(model="esr9")),
     "esr4_div": ("ESR*-4 (CBAM + spatial + channel diversity, gamma 10), the preset", dict(model="esr9_div")),
+    "esr4_light_train": ("ESR-4, the preset with per-face augmentation (light_train, the preset until light_batch)",
+                         dict(model="esr9", train_transform="light_train")),
+    "esr4_div_light_train": ("ESR*-4 (gamma 10), the preset with per-face augmentation (light_train)",
+                             dict(model="esr9_div", train_transform="light_train")),
     "esr4_96px": ("ESR-4, faces upsampled to 96 px (the earlier CPU setting)", dict(model="esr9", image_size=96)),
     "esr4_balanced": ("ESR-4, class-balanced subset of 1,000 faces per class (the earlier CPU setting)",
                       dict(model="esr9", subset_per_class=1000)),
