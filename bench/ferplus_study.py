@@ -39,8 +39,6 @@ LABELS = {"esr4": "ESR-4", "esr4_att": "ESR-4 + CBAM", "esr4_div": "ESR*-4, gamm
 
 
 SWEEP = REPO / "notebooks" / "sweeps" / "study_ferplus_cpu.yaml"
-#: per-epoch columns kept in each run's record (the diagnostics figure)
-SERIES = ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp", "val_acc_vote")
 #: preset fields a study variant may change (the rest is the protocol)
 VARIANT_KEYS = {"model"}
 VARIANT_OPTIONS = {"gamma", "diagonal", "normalize"}
@@ -65,40 +63,11 @@ def current_fingerprint() -> str:
 
 
 def run_record(run: Path) -> dict:
-    """The numbers of one finished run."""
-    import pandas as pd
-    import torch
+    """The numbers of one finished run (:func:`fer_lab.report.run_diagnostics`) and its protocol."""
+    from fer_lab.report import run_diagnostics
+    from fer_lab.runs import read_json
 
-    from fer_lab.analysis import branch_agreement
-    from fer_lab.runs import load_run, read_json, write_json
-
-    m = read_json(run / "metrics.json")
-    h = pd.read_csv(run / "history.csv")
-    last = h.iloc[-1]
-    cfg = read_json(run / "config.json")["train"]
-    rec = {"run": run.name, "protocol": protocol_fingerprint(cfg), "seed": cfg["seed"],
-           "train_time_s": m["train_time_s"],
-           "epochs": len(h), "holdout_acc": m["selected"]["val_score"],
-           "valid_acc_vote": m["test"]["acc_vote"], "valid_acc_softmax_mean": m["test"]["acc_ensemble"],
-           "valid_acc_branches": [m["test"][k] for k in sorted(m["test"]) if k.startswith("acc_branch_")],
-           "saturation_warnings": len(m.get("saturation_warnings", []))}
-    for t in ("sp", "ch"):
-        for col, key in ((f"train_karg_{t}_q50", f"karg_median_{t}"), (f"train_S_offdiag_{t}", f"S_offdiag_{t}"),
-                         (f"train_gradshare_D_{t}", f"gradshare_{t}"), (f"val_D_{t}", f"D_{t}"),
-                         (f"train_gamma_{t}", f"gamma_{t}")):
-            if col in h:
-                rec[key] = float(last[col])
-    cache = run / "agreement.json"
-    if cache.is_file():
-        agree = read_json(cache)
-    else:
-        r = load_run(run)
-        torch.set_num_threads(2)
-        agree = branch_agreement(r.load_model(), r.eval_dataset("test"))
-        write_json(cache, agree)
-    rec.update({k: v for k, v in agree.items() if k.endswith("_mean") or k == "n"})
-    rec["series"] = {c: [float(x) for x in h[c]] for c in SERIES if c in h}
-    return rec
+    return {**run_diagnostics(run), "protocol": protocol_fingerprint(read_json(run / "config.json")["train"])}
 
 
 def collect(batch: Path, previous: dict | None) -> dict[str, list]:
@@ -132,56 +101,22 @@ def todo(recorded: dict[str, list]) -> list[str]:
     return [name for name, _ in load_sweep(SWEEP).points() if name not in have]
 
 
-def _stats(values) -> dict:
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if not v.size:
-        return {"mean": None, "sd": None, "n": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
-
-
 def summarise(runs: dict[str, list], batch: Path) -> dict:
-    variants = {}
-    for v in [v for v in ORDER if v in runs] + sorted(set(runs) - set(ORDER)):
-        recs = runs[v]
-        keys = sorted({k for r in recs for k, x in r.items()
-                       if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "seed"})
-        variants[v] = {"label": LABELS.get(v, v), "runs": recs, **{k: _stats([r.get(k) for r in recs]) for k in keys}}
+    from fer_lab.report import study_summary
+
+    ordered = {v: runs[v] for v in [v for v in ORDER if v in runs] + sorted(set(runs) - set(ORDER))}
     return {"what": "FER+ (majority labels), ferplus_cpu protocol, selected on a 10 % hold-out of FER2013Train, "
                     "FER2013Valid reported; mean, sd (ddof 1) and n over seeds", "batch": str(batch),
-            "protocol": current_fingerprint(), "variants": variants, "todo": todo(runs)}
-
-
-def _fmt(s: dict, scale: float = 100.0, digits: int = 1) -> str:
-    if not s or s["mean"] is None:
-        return "-"
-    sd = f" ± {s['sd'] * scale:.{digits}f}" if s["sd"] is not None else ""
-    return f"{s['mean'] * scale:.{digits}f}{sd}"
-
-
-def _sci(s: dict) -> str:
-    if not s or s["mean"] is None:
-        return "-"
-    sd = f" ± {s['sd']:.1e}" if s["sd"] is not None else ""
-    return f"{s['mean']:.2g}{sd}"
+            "protocol": current_fingerprint(), "variants": study_summary(ordered, LABELS), "todo": todo(runs)}
 
 
 def markdown(result: dict) -> str:
-    head = ("| variant | n | FER2013Valid vote % | softmax mean % | hold-out % | train s | median kernel arg "
-            "(sp / ch) | mean S off-diag (sp) | gradient share (sp) | disagreement % | attention overlap | "
-            "feature-map overlap |")
-    lines = [head, "|" + "---|" * 12]
-    for v, s in result["variants"].items():
-        karg = f"{_sci(s.get('karg_median_sp'))} / {_sci(s.get('karg_median_ch'))}" if "karg_median_sp" in s else "-"
-        lines.append(f"| {s['label']} | {s['valid_acc_vote']['n']} | {_fmt(s['valid_acc_vote'])} | "
-                     f"{_fmt(s['valid_acc_softmax_mean'])} | {_fmt(s['holdout_acc'])} | "
-                     f"{_fmt(s['train_time_s'], 1, 0)} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
-                     f"{_sci(s.get('gradshare_sp'))} | {_fmt(s.get('disagreement_mean'))} | "
-                     f"{_fmt(s.get('overlap_attention_mean'), 1, 3)} | {_fmt(s.get('overlap_features_mean'), 1, 3)} |")
-    lines.append("")
-    lines.append("Kernel arguments, S and gradient share: last epoch, training split; ESR-4 (no CBAM) monitors "
-                 "its pooled feature maps, the others the last CBAM's maps; a term not in the loss has no "
-                 "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches.")
-    return "\n".join(lines)
+    from fer_lab.report import study_markdown
+
+    return "\n".join([study_markdown(result["variants"]), "",
+                      "Kernel arguments, S and gradient share: last epoch, training split; ESR-4 (no CBAM) monitors "
+                      "its pooled feature maps, the others the last CBAM's maps; a term not in the loss has no "
+                      "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches."])
 
 
 def figures(result: dict, docs: Path) -> list[Path]:

@@ -3,7 +3,9 @@
 ``collect_runs`` reads run directories (or whole batch directories) into one row per
 run; ``table1`` aggregates them over seeds (mean, standard deviation, count) with rows =
 model variant and columns = dataset, and places the published single-run accuracies of
-SPEC section 6 beside them. No training or plotting here.
+SPEC section 6 beside them. ``run_diagnostics``, ``study_summary`` and ``study_markdown``
+report what the learners did in a diversity study (the diagnostics of the last epoch, the
+branches' disagreement and overlap), over seeds. No training or plotting here.
 """
 from __future__ import annotations
 
@@ -153,3 +155,102 @@ def markdown_table(table: "pd.DataFrame") -> str:  # noqa: F821
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join([fmt(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(table.index, table.values)]
     return "\n".join(lines) + "\n"
+
+
+# ---- what the learners did: diagnostics, disagreement and overlap per run, over seeds ----------
+#: per-epoch columns kept in a run's study record (the diagnostics figure)
+STUDY_SERIES = ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp", "val_acc_vote")
+#: (history column, record key) of the last epoch's diagnostics, per term
+_LAST_EPOCH = [(col.format(t=t), key.format(t=t)) for t in ("sp", "ch") for col, key in
+               (("train_karg_{t}_q50", "karg_median_{t}"), ("train_S_offdiag_{t}", "S_offdiag_{t}"),
+                ("train_gradshare_D_{t}", "gradshare_{t}"), ("val_D_{t}", "D_{t}"), ("train_gamma_{t}", "gamma_{t}"))]
+
+
+def run_diagnostics(run_dir, agreement: bool = True) -> dict:
+    """One finished run's numbers for a diversity study: accuracies of the reported split (vote,
+    softmax mean, each branch), the hold-out score it was selected on, training time, the
+    diversity diagnostics of its last epoch (median kernel argument, mean off-diagonal of S,
+    share of the loss gradient, D, gamma; per term), and with ``agreement`` the branches'
+    pairwise prediction disagreement and map overlap on the reported split
+    (:func:`fer_lab.analysis.branch_agreement`, computed once and cached in the run as
+    ``agreement.json``); ``series``: the per-epoch columns of :data:`STUDY_SERIES`."""
+    import pandas as pd
+
+    from .runs import write_json
+
+    run_dir = Path(run_dir)
+    m = read_json(run_dir / "metrics.json")
+    h = pd.read_csv(run_dir / "history.csv")
+    last = h.iloc[-1]
+    test = m.get("test", {})
+    rec = {"run": run_dir.name, "seed": read_json(run_dir / "config.json")["train"]["seed"],
+           "train_time_s": m.get("train_time_s"), "epochs": len(h), "holdout_acc": m["selected"]["val_score"],
+           "valid_acc_vote": test.get("acc_vote"), "valid_acc_softmax_mean": test.get("acc_ensemble"),
+           "valid_acc_branches": [test[k] for k in sorted(test) if k.startswith("acc_branch_")],
+           "saturation_warnings": len(m.get("saturation_warnings", []))}
+    for col, key in _LAST_EPOCH:
+        if col in h:
+            rec[key] = float(last[col])
+    if agreement:
+        cache = run_dir / "agreement.json"
+        if cache.is_file():
+            agree = read_json(cache)
+        else:
+            from .analysis import branch_agreement
+            from .runs import load_run
+
+            r = load_run(run_dir)
+            agree = branch_agreement(r.load_model(), r.eval_dataset("test"))
+            write_json(cache, agree)
+        rec.update({k: v for k, v in agree.items() if k.endswith("_mean") or k == "n"})
+    rec["series"] = {c: [float(x) for x in h[c]] for c in STUDY_SERIES if c in h}
+    return rec
+
+
+def _stats(values) -> dict:
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not v.size:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
+
+
+def study_summary(records: dict[str, list[dict]], labels: dict[str, str] | None = None) -> dict:
+    """``{variant: {"label", "runs": records, <number>: {"mean", "sd" (ddof 1), "n"}}}`` over the
+    seeds of each variant, for every numeric field of :func:`run_diagnostics`' records."""
+    out = {}
+    for v, recs in records.items():
+        keys = sorted({k for r in recs for k, x in r.items()
+                       if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "seed"})
+        out[v] = {"label": (labels or {}).get(v, v), "runs": recs, **{k: _stats([r.get(k) for r in recs]) for k in keys}}
+    return out
+
+
+def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    sd = f" ± {s['sd'] * scale:.{digits}f}" if s["sd"] is not None else ""
+    return f"{s['mean'] * scale:.{digits}f}{sd}"
+
+
+def _sci(s: dict) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    sd = f" ± {s['sd']:.1e}" if s["sd"] is not None else ""
+    return f"{s['mean']:.2g}{sd}"
+
+
+def study_markdown(summary: dict) -> str:
+    """The study's table: per variant mean ± sd over seeds of valid accuracy (vote, softmax
+    mean), hold-out accuracy, training time, the last epoch's diagnostics, disagreement and
+    overlap."""
+    lines = ["| variant | n | valid vote % | valid softmax mean % | hold-out % | train s | median kernel arg "
+             "(sp / ch) | mean S off-diag (sp) | gradient share (sp) | disagreement % | attention overlap | "
+             "feature-map overlap |", "|" + "---|" * 12]
+    for s in summary.values():
+        karg = f"{_sci(s.get('karg_median_sp'))} / {_sci(s.get('karg_median_ch'))}" if "karg_median_sp" in s else "-"
+        lines.append(f"| {s['label']} | {len(s['runs'])} | {_pm(s.get('valid_acc_vote'))} | "
+                     f"{_pm(s.get('valid_acc_softmax_mean'))} | {_pm(s.get('holdout_acc'))} | "
+                     f"{_pm(s.get('train_time_s'), 1, 0)} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
+                     f"{_sci(s.get('gradshare_sp'))} | {_pm(s.get('disagreement_mean'))} | "
+                     f"{_pm(s.get('overlap_attention_mean'), 1, 3)} | {_pm(s.get('overlap_features_mean'), 1, 3)} |")
+    return "\n".join(lines)

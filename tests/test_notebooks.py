@@ -187,6 +187,12 @@ def test_batch_records_failures_and_skips_finished_runs(tmp_path):
     row = rep["table"][0]
     assert row["variant"].startswith("ESR*-9") and "(n=2)" in row["synthetic"]
     assert (tmp_path / "rep" / "table1.md").read_text().startswith("| variant |")
+    study = (tmp_path / "rep" / "study.md").read_text().splitlines()
+    assert "disagreement %" in study[0] and len(study) == 3                   # one variant row
+    cells = [c.strip() for c in study[2].split("|")]
+    assert cells[2] == "2" and "±" in cells[3]                                  # two seeds, mean ± sd
+    agree = json.loads((tmp_path / "tiny" / "esr9_div-s0" / "agreement.json").read_text())
+    assert 0 <= agree["disagreement_mean"] <= 1 and len(agree["disagreement"]) == 2   # TINY: 2 branches
 
 
 def test_sweep_errors(tmp_path):
