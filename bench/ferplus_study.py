@@ -152,7 +152,8 @@ def figures(result: dict, docs: Path) -> list[Path]:
                     ax.plot(np.arange(1, len(h[col]) + 1), np.clip(h[col], viz.LOG_FLOOR, None), **kw)
     axes[0].axhspan(0.1, 10, color="#EEEEEE", zorder=0)
     axes[1].set_ylim(viz.LOG_FLOOR / 2, 1.5)
-    for ax, title in zip(axes, ("median kernel argument, spatial term", "mean off-diagonal of S, spatial",
+    for ax, title in zip(axes, ("median kernel argument, spatial term\n(grey: 0.1-10, where exp(-x) is neither ~1 nor ~0)",
+                                "mean off-diagonal of S, spatial",
                                 "share of the loss gradient, spatial term")):
         ax.set_yscale("log")
         ax.set_title(title, fontsize=8)
