@@ -147,9 +147,9 @@ class BatchAffine(nn.Module):
             return x
         theta = self.theta(self.sample(x.shape[0])).to(device=x.device, dtype=torch.float32)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.to(x.dtype).contiguous(memory_format=torch.channels_last) \
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else out.to(x.dtype)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out   # keep the model's format
 
     def extra_repr(self) -> str:
         return f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}, flip={self.flip}"
