@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fer_lab import runs
 from fer_lab.models import build_model, build_model_from_config, count_parameters
+from fer_lab.models.cbam import CBAM
 from fer_lab.models.esr import ConvBlock
 from fer_lab.protocols import make_protocol
 from fer_lab.train import TrainConfig, plan_stages, train
@@ -77,6 +78,33 @@ def test_cbam_position_changes_outputs_not_parameters():
     a.branch_execution = "fused"
     with torch.no_grad():
         torch.testing.assert_close(a(x).branch_logits, oa.branch_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_cbam_reduction_sets_every_hidden_layer():
+    m = build_model("esr9_div", num_branches=2, width=0.25, cbam_reduction=4)
+    cbams = [mod for mod in m.modules() if isinstance(mod, CBAM)]
+    assert len(cbams) == 4 + 2 * 4                          # 4 base blocks, 4 per branch (SPEC)
+    for cbam in cbams:
+        first = cbam.channel_gate.mlp[0]
+        assert first.out_features == max(1, first.in_features // 4)
+    # the closed form of CBAM's parameters, summed over the blocks, is the only difference
+    ref = build_model("esr9_div", num_branches=2, width=0.25)
+    cbam_params = lambda c, r: 2 * c * max(1, c // r) + max(1, c // r) + c + 98 + 2   # noqa: E731
+    chans = [cb.channel_gate.mlp[0].in_features for cb in cbams]
+    assert count_parameters(m) - count_parameters(ref) == sum(cbam_params(c, 4) - cbam_params(c, 16) for c in chans)
+    rebuilt = build_model_from_config(m.config)
+    assert rebuilt.cbam_reduction == 4 and count_parameters(rebuilt) == count_parameters(m)
+    rebuilt.load_state_dict(m.state_dict())
+    assert count_parameters(build_model_from_config({k: v for k, v in m.config.items() if k != "cbam_reduction"})) \
+        == count_parameters(ref)                            # configs written before the option: r = 16
+    x = torch.rand(2, 3, 48, 48)
+    m2 = build_model("esr9_div", num_branches=2, width=0.25, cbam_reduction=4, input_size=48).eval()
+    with torch.no_grad():
+        loop = m2(x).branch_logits
+        m2.branch_execution = "fused"
+        torch.testing.assert_close(m2(x).branch_logits, loop, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="cbam_reduction=0"):
+        build_model("esr9_div", num_branches=2, cbam_reduction=0)
 
 
 def test_old_configs_rebuild_as_they_were_trained():

@@ -111,13 +111,13 @@ class ConvBlock(nn.Module):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, padding: int, pool: bool, attention: bool,
-                 cbam_position: str = "after_pool"):
+                 cbam_position: str = "after_pool", cbam_reduction: int = 16):
         super().__init__()
         if cbam_position not in CBAM_POSITIONS:
             raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
         self.conv = nn.Conv2d(cin, cout, kernel, padding=padding)
         self.bn = nn.BatchNorm2d(cout)
-        self.cbam = CBAM(cout) if attention else None
+        self.cbam = CBAM(cout, cbam_reduction) if attention else None
         self.out = nn.Identity()
         self.pool = nn.MaxPool2d(2, 2) if pool else None
         self.pool_first = cbam_position == "after_pool"
@@ -139,12 +139,13 @@ class ConvBlock(nn.Module):
 class _Stack(nn.Module):
     """A sequence of ConvBlocks that also collects each block's attention maps."""
 
-    def __init__(self, layout, in_channels: int, width: float, attention: bool, cbam_position: str = "after_pool"):
+    def __init__(self, layout, in_channels: int, width: float, attention: bool, cbam_position: str = "after_pool",
+                 cbam_reduction: int = 16):
         super().__init__()
         blocks = []
         for cin, cout, k, p, pool in layout:
             cin = in_channels if cin is None else scaled(cin, width)
-            blocks.append(ConvBlock(cin, scaled(cout, width), k, p, pool, attention, cbam_position))
+            blocks.append(ConvBlock(cin, scaled(cout, width), k, p, pool, attention, cbam_position, cbam_reduction))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor):
@@ -159,8 +160,8 @@ class Base(_Stack):
     """Shared base: ``(B, in_channels, S, S) -> (B, 128w, s, s)`` (``128 x 20 x 20`` at 96 px)."""
 
     def __init__(self, in_channels: int = 3, width: float = 1.0, attention: bool = False,
-                 cbam_position: str = "after_pool", conv_padding: str = "paper"):
-        super().__init__(layouts(conv_padding)[0], in_channels, width, attention, cbam_position)
+                 cbam_position: str = "after_pool", conv_padding: str = "paper", cbam_reduction: int = 16):
+        super().__init__(layouts(conv_padding)[0], in_channels, width, attention, cbam_position, cbam_reduction)
 
 
 class Branch(nn.Module):
@@ -170,9 +171,9 @@ class Branch(nn.Module):
     """
 
     def __init__(self, num_classes: int = 8, width: float = 1.0, attention: bool = False,
-                 cbam_position: str = "after_pool", conv_padding: str = "paper"):
+                 cbam_position: str = "after_pool", conv_padding: str = "paper", cbam_reduction: int = 16):
         super().__init__()
-        self.convs = _Stack(layouts(conv_padding)[1], 0, width, attention, cbam_position)
+        self.convs = _Stack(layouts(conv_padding)[1], 0, width, attention, cbam_position, cbam_reduction)
         self.fc = nn.Linear(scaled(512, width), num_classes)
 
     def forward(self, shared: torch.Tensor):
@@ -221,6 +222,9 @@ class ESR(nn.Module):
         cbam_position: ``"after_pool"`` (the diversity paper's code: CBAM on the pooled map of
             a pooling block; default) or ``"before_pool"`` (CBAM at the block's full
             resolution, fer_lab before 2026-12); see :class:`ConvBlock`. Same parameters.
+        cbam_reduction: the CBAM channel MLP's reduction ratio ``r`` (hidden size ``max(1, C // r)``;
+            16 as in the paper and CBAM). At width 0.25 the base's 16-channel CBAMs have a
+            1-unit hidden layer; a smaller ``r`` widens it (a diagnostic, not the paper).
         diversity: which diversity terms the loss adds (:class:`~fer_lab.diversity.DiversityConfig`).
         diversity_source: ``"attention"`` compares the last CBAM's spatial/channel attention
             (the paper, needs ``attention=True``); ``"features"`` compares the channel- and
@@ -276,7 +280,7 @@ class ESR(nn.Module):
                  branch_execution: str = "loop", cbam_position: str = "after_pool",
                  channel_term_input: str = "channel", decision: str = "vote",
                  active_branches: int | None = None, diversity_scope: str = "all",
-                 branch_bn_train_at_test: bool = False, conv_padding: str = "auto"):
+                 branch_bn_train_at_test: bool = False, conv_padding: str = "auto", cbam_reduction: int = 16):
         super().__init__()
         if int(num_branches) < 1:
             raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
@@ -296,6 +300,8 @@ class ESR(nn.Module):
                              f"conv_padding='auto' pads the convs below 96")
         if cbam_position not in CBAM_POSITIONS:
             raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
+        if isinstance(cbam_reduction, bool) or not isinstance(cbam_reduction, int) or cbam_reduction < 1:
+            raise ValueError(f"cbam_reduction={cbam_reduction!r}: expected an int >= 1 (the paper's CBAM uses 16)")
         if channel_term_input not in ("channel", "spatial"):
             raise ValueError(f"channel_term_input={channel_term_input!r}: expected 'channel' (the paper) or "
                              "'spatial' (the authors' FER+/RAF-DB scripts)")
@@ -318,6 +324,7 @@ class ESR(nn.Module):
         self.num_classes = int(num_classes)
         self.attention = bool(attention)
         self.cbam_position = cbam_position
+        self.cbam_reduction = cbam_reduction
         self.diversity_source = diversity_source
         self.channel_term_input = channel_term_input
         self.decision = decision
@@ -328,13 +335,14 @@ class ESR(nn.Module):
         self.in_channels = int(in_channels)
         self.branch_execution = branch_execution
         self.conv_padding = conv_padding
-        self.base = Base(in_channels, self.width, self.attention, cbam_position, conv_padding)
+        self.base = Base(in_channels, self.width, self.attention, cbam_position, conv_padding, cbam_reduction)
         self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
         self.active_branches = active_branches
 
     # ---- structure ----------------------------------------------------------------------
     def _new_branch(self) -> Branch:
-        return Branch(self.num_classes, self.width, self.attention, self.cbam_position, self.conv_padding)
+        return Branch(self.num_classes, self.width, self.attention, self.cbam_position, self.conv_padding,
+                      self.cbam_reduction)
 
     @property
     def num_branches(self) -> int:
@@ -407,7 +415,7 @@ class ESR(nn.Module):
             "num_classes": self.num_classes, "attention": self.attention,
             "diversity": self.diversity.to_dict(), "diversity_source": self.diversity_source,
             "width": self.width, "input_size": self.input_size, "in_channels": self.in_channels,
-            "branch_execution": self.branch_execution, "cbam_position": self.cbam_position,
+            "branch_execution": self.branch_execution, "cbam_position": self.cbam_position, "cbam_reduction": self.cbam_reduction,
             "channel_term_input": self.channel_term_input, "decision": self.decision,
             "active_branches": self.active_branches, "diversity_scope": self.diversity_scope,
             "branch_bn_train_at_test": self.branch_bn_train_at_test, "conv_padding": self.conv_padding,
