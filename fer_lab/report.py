@@ -210,12 +210,13 @@ def run_diagnostics(run_dir, agreement: bool = True) -> dict:
 def _stats(values) -> dict:
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if not v.size:
-        return {"mean": None, "sd": None, "n": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
+        return {"mean": None, "sd": None, "n": 0, "min": None}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size),
+            "min": float(v.min())}
 
 
 def study_summary(records: dict[str, list[dict]], labels: dict[str, str] | None = None) -> dict:
-    """``{variant: {"label", "runs": records, <number>: {"mean", "sd" (ddof 1), "n"}}}`` over the
+    """``{variant: {"label", "runs": records, <number>: {"mean", "sd" (ddof 1), "n", "min"}}}`` over the
     seeds of each variant, for every numeric field of :func:`run_diagnostics`' records."""
     out = {}
     for v, recs in records.items():
@@ -239,18 +240,23 @@ def _sci(s: dict) -> str:
     return f"{s['mean']:.2g}{sd}"
 
 
+def _fastest(s: dict) -> str:
+    return f" ({s['min']:.0f})" if s and s.get("n", 0) > 1 and s.get("min") is not None else ""
+
+
 def study_markdown(summary: dict) -> str:
     """The study's table: per variant mean ± sd over seeds of valid accuracy (vote, softmax
-    mean), hold-out accuracy, training time, the last epoch's diagnostics, disagreement and
+    mean), hold-out accuracy, training time (mean ± sd, and the fastest seed's: wall-clock time
+    varies with what else the machine runs), the last epoch's diagnostics, disagreement and
     overlap."""
-    lines = ["| variant | n | valid vote % | valid softmax mean % | hold-out % | train s | median kernel arg "
+    lines = ["| variant | n | valid vote % | valid softmax mean % | hold-out % | train s (fastest) | median kernel arg "
              "(sp / ch) | mean S off-diag (sp) | gradient share (sp) | disagreement % | attention overlap | "
              "feature-map overlap |", "|" + "---|" * 12]
     for s in summary.values():
         karg = f"{_sci(s.get('karg_median_sp'))} / {_sci(s.get('karg_median_ch'))}" if "karg_median_sp" in s else "-"
         lines.append(f"| {s['label']} | {len(s['runs'])} | {_pm(s.get('valid_acc_vote'))} | "
                      f"{_pm(s.get('valid_acc_softmax_mean'))} | {_pm(s.get('holdout_acc'))} | "
-                     f"{_pm(s.get('train_time_s'), 1, 0)} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
+                     f"{_pm(s.get('train_time_s'), 1, 0)}{_fastest(s.get('train_time_s'))} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
                      f"{_sci(s.get('gradshare_sp'))} | {_pm(s.get('disagreement_mean'))} | "
                      f"{_pm(s.get('overlap_attention_mean'), 1, 3)} | {_pm(s.get('overlap_features_mean'), 1, 3)} |")
     return "\n".join(lines)
