@@ -47,7 +47,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .runs import read_json, write_csv, write_json
 
@@ -343,9 +342,3 @@ def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: boo
     write_summary()
     return summary
 
-
-def batch_table(directory) -> Any:
-    """The batch's ``summary.csv`` as a DataFrame."""
-    import pandas as pd
-
-    return pd.read_csv(Path(directory) / "summary.csv")

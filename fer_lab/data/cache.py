@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when the cache layout or decoding changes; part of every key.
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path("outputs") / "cache"
 
 
 def file_signature(path: str | os.PathLike) -> dict[str, Any]:

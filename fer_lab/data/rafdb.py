@@ -120,8 +120,3 @@ class RAFDB(RealFaceDataset):
 
     def pixel_options(self) -> dict:
         return {"images": self.images}
-
-
-def rafdb_splits(root, **_) -> tuple[str, ...]:
-    """RAF-DB always offers ``train`` and ``test``."""
-    return RAFDB_SPLITS

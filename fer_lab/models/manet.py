@@ -74,11 +74,6 @@ def _splittable(side: int) -> bool:
     return n >= PATCH_GRID and n % PATCH_GRID == 0
 
 
-def valid_input_sides(low: int = 16, high: int = 256) -> list[int]:
-    """Input sides in ``[low, high]`` whose stem map splits into equal patches."""
-    return [s for s in range(low, high + 1) if _splittable(s)]
-
-
 def check_input_size(height: int, width: int | None = None) -> tuple[int, int]:
     """Validate an input size; returns the stem map size ``(h, w)``.
 

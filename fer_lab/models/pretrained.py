@@ -104,7 +104,6 @@ _MSCELEB_RULES = (
     (re.compile(r"^fc_2\."), "fc_global."),
 )
 _MANET_HEADS = ("fc_local.", "fc_global.")
-_TORCHVISION_STEM = ("conv1.", "bn1.", "layer1.", "layer2.")
 _TORCHVISION_IGNORED = ("layer3.", "layer4.", "fc.")
 
 
