@@ -286,3 +286,20 @@ def test_batch_augmentation_trains_and_resumes(tiny_cfg):
     assert m_ref == _numbers(resumed)[1]
     assert h_ref["train_loss"].iloc[0] != pytest.approx(_numbers(plain)[0]["train_loss"].iloc[0])  # it augments
     assert runs.read_json(ref / "config.json")["train"]["train_transform"] == "light_batch"
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_flush_denormal_restores_the_previous_setting(outside):
+    from fer_lab.utils import flush_denormal, flushing_denormals
+
+    tiny = torch.tensor(2.0 ** -130)                # a float32 denormal: 2^-130 > 2^-149
+    if not torch.set_flush_denormal(outside):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert flushing_denormals() is outside
+        assert (float(tiny * 1.0) == 0.0) is outside          # the independent check of the setting
+        with flush_denormal():
+            assert flushing_denormals() and float(tiny * 1.0) == 0.0
+        assert flushing_denormals() is outside and (float(tiny * 1.0) == 0.0) is outside
+    finally:
+        torch.set_flush_denormal(False)
