@@ -3,7 +3,7 @@
 Helpers behind ``notebooks/04_attention_explorer.ipynb``: pick a CBAM layer's spatial
 attention for every branch, compute Grad-CAM per branch, and measure how much of each
 map falls inside the synthetic faces' expression regions
-(:func:`fer_lab.data.synthetic.attention_in_regions`); and how differently an ensemble's
+(:func:`attention_in_regions`); and how differently an ensemble's
 learners behave (:func:`prediction_disagreement`, :func:`attention_overlap`,
 :func:`branch_agreement`). Returns arrays and DataFrames; plotting is :mod:`fer_lab.viz`'s job.
 """
@@ -13,9 +13,61 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cam import grad_cam
+from .data.synthetic import REGIONS
 from .models.common import NON_DIFFERENTIABLE_HEADS
+
+
+@torch.no_grad()
+def attention_in_regions(maps: torch.Tensor, masks: torch.Tensor,
+                         regions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """How much of each attention map falls inside the face regions.
+
+    Args:
+        maps: ``(B, h, w)`` non-negative attention (e.g. ESR's 6x6 spatial attention).
+        masks: ``(B, R, H, W)`` 0/1 region masks at image resolution (any dtype).
+        regions: names of the ``R`` mask channels (default :data:`REGIONS`).
+
+    The maps are upsampled bilinearly (``align_corners=False``) to ``(H, W)`` and
+    normalised to unit mass. Returns a dict of float32 tensors of shape ``(B,)`` on
+    ``maps``' device:
+
+    - ``"inside"``: share of attention mass inside the union of the regions;
+    - ``"area"``: area fraction of that union (what uniform attention scores);
+    - ``"lift"``: ``inside / area`` (1 = no better than uniform; NaN when area is 0);
+    - ``"<region>"`` for each region name: share of mass inside that region.
+
+    A map with zero total mass gets 0 shares.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"maps: expected shape (B, h, w), got {tuple(maps.shape)}")
+    if masks.ndim != 4 or masks.shape[0] != maps.shape[0]:
+        raise ValueError(f"masks: expected shape (B, R, H, W) with B={maps.shape[0]}, got {tuple(masks.shape)}")
+    names = tuple(REGIONS if regions is None else regions)
+    if len(names) != masks.shape[1]:
+        raise ValueError(f"regions: {len(names)} names for {masks.shape[1]} mask channels")
+    H, W = masks.shape[-2:]
+    m = torch.as_tensor(masks).to(device=maps.device, dtype=torch.float32)
+    a = maps.to(torch.float32).clamp_min(0)
+    if a.shape[-2:] != (H, W):
+        a = F.interpolate(a[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    total = a.sum(dim=(1, 2))
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    union = m.amax(dim=1)
+    out: dict[str, torch.Tensor] = {}
+    inside = (a * union).sum(dim=(1, 2)) / safe
+    inside = torch.where(total > 0, inside, torch.zeros_like(inside))
+    area = union.mean(dim=(1, 2))
+    out["inside"] = inside
+    out["area"] = area
+    out["lift"] = torch.where(area > 0, inside / area.clamp_min(1e-12), torch.full_like(area, float("nan")))
+    shares = (a[:, None] * m).sum(dim=(2, 3)) / safe[:, None]
+    shares = torch.where(total[:, None] > 0, shares, torch.zeros_like(shares))
+    for r, name in enumerate(names):
+        out[name] = shares[:, r]
+    return out
 
 
 def attention_layers(out) -> list[str]:
@@ -80,8 +132,6 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
     per region. Returns a pandas DataFrame.
     """
     import pandas as pd
-
-    from .data.synthetic import REGIONS, attention_in_regions
 
     device = next(model.parameters()).device
     was = model.training

@@ -1,4 +1,4 @@
-"""Tests for the procedural synthetic face dataset and ``attention_in_regions``."""
+"""Tests for the procedural synthetic face dataset and ``fer_lab.analysis.attention_in_regions``."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from fer_lab.data.labels import AFFECTNET8
-from fer_lab.data.synthetic import (REGIONS, SyntheticFaces, attention_in_regions, render_params,
-                                    sample_params)
+from fer_lab.analysis import attention_in_regions
+from fer_lab.data.synthetic import REGIONS, SyntheticFaces, render_params, sample_params
 
 
 def _digest(a: np.ndarray) -> str:
