@@ -79,7 +79,7 @@ def probe_init(normalize: str, gamma: float, x: torch.Tensor, y: torch.Tensor, s
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         return float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
 
-    feats = model.learner_features(out)
+    feats = model.learners(out)
     result = {"image_size": int(x.shape[-1]), "batch": int(x.shape[0]), "ce": float(lo.ce_total.detach()),
               "gradnorm_ce": gnorm(lo.ce_total), "terms": {}}
     for term, D in lo.diversity.items():

@@ -1,7 +1,7 @@
 """Where do the learners look? Attention and Grad-CAM maps per learner, scored against face regions.
 
-Helpers behind ``notebooks/04_attention_explorer.ipynb``: pick a CBAM layer's spatial
-attention for every branch, compute Grad-CAM per branch, and measure how much of each
+Helpers behind ``notebooks/04_attention_explorer.ipynb``: each learner's spatial
+attention (``model.attention_maps``, the model contract), Grad-CAM per learner, and how much of each
 map falls inside the synthetic faces' expression regions
 (:func:`attention_in_regions`); and how differently an ensemble's
 learners behave (:func:`prediction_disagreement`, :func:`attention_overlap`,
@@ -70,46 +70,21 @@ def attention_in_regions(maps: torch.Tensor, masks: torch.Tensor,
     return out
 
 
-def attention_layers(out) -> list[str]:
-    """Layer choices for :func:`spatial_attention`: ``"last"``, then ``"block<j>"`` (branch block
-    j of every branch) and ``"base.<j>"`` (shared base blocks), from an output computed with
-    ``return_all_attention=True``."""
-    keys = list(out.layer_attention)
-    blocks = sorted({int(k.split(".")[1]) for k in keys if k.startswith("branch")})
-    return ["last"] + [f"block{j}" for j in blocks] + [k for k in keys if k.startswith("base.")]
-
-
-def spatial_attention(out, layer: str = "last") -> tuple[np.ndarray, list[str]]:
-    """Spatial attention maps ``(columns, B, h, w)`` and column labels for ``layer``.
-
-    ``"last"``: each branch's last CBAM (what ESR diversifies); ``"block<j>"``: every branch's
-    j-th block; ``"base.<j>"``: the shared base's j-th block (one column).
-    """
-    if layer == "last":
-        maps = out.spatial_attention
-        return maps.detach().cpu().numpy(), [f"branch {l + 1}" for l in range(maps.shape[0])]
-    if layer.startswith("block"):
-        j = int(layer[5:])
-        keys = sorted((k for k in out.layer_attention if k.startswith("branch") and k.endswith(f".{j}")),
-                      key=lambda k: int(k[6:].split(".")[0]))
-        return (torch.stack([out.layer_attention[k][1] for k in keys]).detach().cpu().numpy(),
-                [f"branch {int(k[6:].split('.')[0]) + 1}" for k in keys])
-    if layer in out.layer_attention:
-        return out.layer_attention[layer][1][None].detach().cpu().numpy(), [layer]
-    raise KeyError(f"unknown attention layer {layer!r}; choices: {attention_layers(out)}")
-
-
-def learner_attention(out) -> dict[str, torch.Tensor]:
-    """Each learner's last spatial attention, face-aligned: ``{label: (B, h, w)}``.
+def learner_attention(model, out, layer: str = "last") -> dict[str, torch.Tensor]:
+    """Each learner's spatial attention, face-aligned: ``{label: (B, h, w)}``
+    (``model.attention_maps(out, layer)``; empty for a model without attention).
 
     ESR: ``branch_<l>`` (each branch's last CBAM). MA-Net: ``local patches`` (the four patch
-    CBAMs re-tiled over the face). Empty for models without attention.
+    CBAMs re-tiled over the face).
     """
-    if getattr(out, "spatial_attention", None) is not None:
-        return {f"branch_{l + 1}": m for l, m in enumerate(out.spatial_attention)}
-    if getattr(out, "patch_spatial_attention", None) is not None:
-        return {"local patches": out.tiled_spatial_attention}
-    return {}
+    return model.attention_maps(out, layer) if model.attention_layers() else {}
+
+
+def learner_predictions(model, out, learners) -> np.ndarray:
+    """``(len(learners), B)`` predicted classes, one row per learner label: the learner's own head
+    when the model has one (``branch_2``), else the model's main head (``local patches``)."""
+    heads = model.heads(out)
+    return np.stack([heads.get(k, heads[model.main_head]).argmax(dim=-1).cpu().numpy() for k in learners])
 
 
 @torch.no_grad()
@@ -144,7 +119,7 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
                 raise ValueError("region_scores needs a dataset that returns region masks (synthetic faces "
                                  "with return_masks=True)")
             out = model(x.to(device))
-            kinds = [("spatial attention", learner_attention(out))]
+            kinds = [("spatial attention", learner_attention(model, out))]
             if with_grad_cam:
                 heads = [h for h in model.heads(out) if h not in NON_DIFFERENTIABLE_HEADS]
                 kinds.append(("Grad-CAM", {h: torch.from_numpy(grad_cam(model, x, h)) for h in heads}))

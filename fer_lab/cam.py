@@ -3,7 +3,7 @@
 A fer_lab model returns a dataclass, not logits, so :class:`HeadLogits` wraps it to
 return one head's scores; :func:`grad_cam` runs pytorch-grad-cam's ``GradCAM`` on that
 head with one target class per image, at the layer the model names for it
-(``model.cam_layers()``), and restores the model's train/eval mode afterwards. This file
+(``model.cam_targets()``, with its reshape transform), and restores the model's train/eval mode afterwards. This file
 computes maps; drawing them is :mod:`fer_lab.viz`'s job.
 """
 from __future__ import annotations
@@ -35,29 +35,20 @@ class HeadLogits(nn.Module):
         return heads[self.head]
 
 
-def default_layer(model: nn.Module, head: str) -> str:
-    """The ``cam_layers()`` key used for ``head``: the head's own learner when it has one
-    (``branch_3`` -> ``branch_3``), else the shared layer (``base`` for ESR's ensemble)."""
-    layers = model.cam_layers()
-    if head in layers:
-        return head
-    return next(iter(layers))
-
-
 @torch.enable_grad()
 def grad_cam(model: nn.Module, images: torch.Tensor, head: str, targets: Sequence[int] | None = None,
              layer: str | None = None) -> np.ndarray:
     """Grad-CAM of ``head`` for each image: ``images`` ``(B, C, H, W)`` -> ``(B, H, W)`` in ``[0, 1]``.
 
     ``targets``: one class per image (default: the head's own prediction). ``layer``: a key of
-    ``model.cam_layers()`` (default: :func:`default_layer`). Runs in eval mode; the model's
+    ``model.cam_targets()`` (default: ``model.cam_target_for(head)``). Runs in eval mode; the model's
     previous train/eval mode is restored afterwards.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layers = model.cam_layers()
-    layer = layer or default_layer(model, head)
+    layers = model.cam_targets()
+    layer = layer or model.cam_target_for(head)
     if layer not in layers:
         raise KeyError(f"model has no Grad-CAM layer {layer!r}; layers: {sorted(layers)}")
     was_training = model.training
@@ -71,7 +62,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, head: str, targets: Sequenc
                 targets = wrapper(x).argmax(dim=1).tolist()
         if len(targets) != x.shape[0]:
             raise ValueError(f"targets: one class per image expected ({x.shape[0]}), got {len(targets)}")
-        with GradCAM(model=wrapper, target_layers=[layers[layer]]) as cam:
+        target = layers[layer]
+        with GradCAM(model=wrapper, target_layers=[target.module], reshape_transform=target.reshape_transform) as cam:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     finally:
         model.train(was_training)

@@ -562,13 +562,13 @@ def _resolve(cfg: TrainConfig):
     """``(model config, image size, label space, protocol name)`` of a run."""
     spec = model_spec(cfg.model)
     mcfg = resolve_config(cfg.model, **cfg.model_options)
-    image_size = cfg.image_size or mcfg.get("input_size", spec.data.get("input_size", 96))
+    image_size = cfg.image_size or mcfg.get("input_size", 96)
     if "input_size" in mcfg:
         mcfg["input_size"] = image_size
     label_space = spec.data.get("label_space") if cfg.label_space == "auto" else cfg.label_space
     protocol = cfg.protocol
     if protocol == "auto":
-        protocol = spec.data.get("protocol", "single") if "num_branches" in mcfg else "single"
+        protocol = spec.data.get("protocol", "single")
     return mcfg, image_size, label_space, protocol
 
 

@@ -543,14 +543,12 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
         targets = base.targets if not hasattr(dataset, "indices") else base.targets[np.asarray(dataset.indices)]
         idx = pick_examples(targets, n_images)
         x, y, out = collect_attention(model, dataset, idx, device)
-        from .analysis import learner_attention
+        from .analysis import learner_attention, learner_predictions
 
-        maps = {k: v.cpu().numpy() for k, v in learner_attention(out).items()}
+        maps = {k: v.cpu().numpy() for k, v in learner_attention(model, out).items()}
         if maps:
             classes = run.config.get("classes")
-            heads = model.heads(out)
-            # one prediction row per column: the branch's own head, else the model's main head
-            preds = [(heads.get(k, heads[model.main_head])).argmax(dim=-1).cpu().numpy() for k in maps]
+            preds = learner_predictions(model, out, maps)
             maps = {k.replace("_", " "): v for k, v in maps.items()}
             emit(plot_map_grid(x.numpy(), maps, classes, y.numpy(), preds), "attention_maps")
     return written

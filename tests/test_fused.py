@@ -213,7 +213,7 @@ def test_hooks_fall_back_to_loop():
     loop, fused = _pair("esr9_att")
     fused.eval()
     seen = []
-    handle = fused.cam_layers()["branch_2"].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    handle = fused.cam_targets()["branch_2"].module.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     assert branch_hooks_registered(fused.branches)
     out = fused(_batch(size=64)[0])
     assert seen == [(4, 128, 2, 2)] and out.branch_logits.shape == (3, 4, 8)

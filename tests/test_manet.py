@@ -35,7 +35,7 @@ def test_parameter_counts(manet7):
 
 def test_registry_variants():
     spec = model_spec("manet_div")
-    assert spec.data["input_size"] == 224 and spec.data["train_transform"] == "manet_train"
+    assert spec.defaults["input_size"] == 224 and spec.data["train_transform"] == "manet_train"
     assert spec.data["protocol"] == "single" and spec.data["label_space"] is None
     m = build_model("manet_div", input_size=112, gamma=2.0, chain_order="ascending")
     assert m.diversity.terms == ("spatial", "channel", "branch") and m.diversity.gamma == 2.0

@@ -177,7 +177,7 @@ def test_feature_diversity_without_attention():
     m = build_model("esr9", num_branches=2, width=0.25, diversity_terms=["spatial", "channel"])
     assert m.diversity_source == "features"
     out = m(torch.rand(2, 3, 96, 96))
-    feats = m.learner_features(out)
+    feats = m.learners(out)
     assert feats["spatial"].shape == (2, 2, 6, 6) and feats["channel"].shape == (2, 2, 128)
     with pytest.raises(ValueError, match="attention"):
         build_model("esr9", diversity_terms=["spatial"], diversity_source="attention")

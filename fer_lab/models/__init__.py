@@ -1,4 +1,5 @@
-"""Model registry: named variants whose defaults are rows of the paper's Table 1.
+"""fer_lab's models: ESR (ensembles with shared representations) and MA-Net, each with its
+diversified variants, registered by name next to its architecture.
 
 ``build_model("esr9_div")`` builds ESR*-9 (CBAM + spatial + channel diversity, 96 px,
 8 classes, gamma 10); any default can be overridden: ``build_model("esr9_div",
@@ -7,149 +8,20 @@ rebuilds a model from a checkpoint's config. MA-Net: ``build_model("manet")`` (7
 224 px) and ``build_model("manet_div")`` (MA-Net* with patch spatial, patch channel and
 branch diversity); initial weights from files: :mod:`fer_lab.models.pretrained`.
 
-The protocol every model here follows (and the training engine relies on):
-
-- ``model(x)`` returns an output dataclass;
-- ``model.loss(out, target)`` returns :class:`~fer_lab.models.common.LossOutput`;
-- ``model.heads(out)`` maps head names to ``(B, K)`` scores or ``(B,)`` predictions,
-  and ``model.main_head`` names the head used for model selection;
-- ``model.config`` is a JSON-able dict; ``model.family`` names the architecture;
-- growable ensembles (ESR) have ``branches`` (an ``nn.ModuleList``) and ``add_branch()``.
+What a model must provide (and the training engine, Grad-CAM, the analyses and the
+notebooks rely on): :mod:`fer_lab.models.base`. A new model is one file that subclasses
+:class:`~fer_lab.models.base.FERModel` and calls :func:`register_model`, imported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-from torch import nn
-
-from ..diversity import DiversityConfig
+from .base import CamTarget, FERModel, check_contract
 from .cbam import CBAM
 from .esr import ESR, ESROutput
 from .manet import MANet, MANetOutput
+from .tiny import TinyPair
+from .registry import (ModelSpec, build_model, build_model_from_config, count_parameters, list_models, model_spec,
+                       register_model, resolve_config)
 
-__all__ = ["CBAM", "ESR", "ESROutput", "MANet", "MANetOutput", "build_model", "build_model_from_config",
-           "list_models", "model_spec", "register_model", "count_parameters"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A named variant: the class that builds it, its default arguments and data settings."""
-
-    name: str
-    cls: Callable[..., nn.Module]
-    defaults: dict[str, Any]
-    description: str
-    #: data/protocol defaults that travel with the variant (input size, presets, protocol)
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-# flat override keys that configure the diversity term
-_DIVERSITY_KEYS = {"gamma": "gamma", "diagonal": "diagonal", "reduction": "reduction",
-                   "diversity_terms": "terms", "diversity_weight": "weight",
-                   "diversity_normalize": "normalize"}
-
-
-def register_model(name: str, cls, description: str, data: dict | None = None, **defaults) -> None:
-    """Register a named variant (``defaults`` are the class's keyword arguments)."""
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelSpec(name, cls, defaults, description, dict(data or {}))
-
-
-def list_models() -> list[str]:
-    """Names of every registered variant."""
-    return sorted(_REGISTRY)
-
-
-def model_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``name`` (clear error listing the known names)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _REGISTRY[name]
-
-
-def resolve_config(name: str, **overrides) -> dict[str, Any]:
-    """Constructor arguments of ``name`` with ``overrides`` applied.
-
-    Flat keys ``gamma``, ``diagonal``, ``reduction``, ``diversity_terms``,
-    ``diversity_weight``, ``diversity_normalize`` edit the diversity config; ``diversity``
-    may also be given whole (a dict or ``DiversityConfig``). Unknown keys are rejected.
-    """
-    spec = model_spec(name)
-    cfg = dict(spec.defaults)
-    div = dict(DiversityConfig.from_dict(cfg.get("diversity")).to_dict())
-    if "diversity" in overrides:
-        given = overrides.pop("diversity")
-        div.update(given.to_dict() if isinstance(given, DiversityConfig) else dict(given or {}))
-    for key, field_name in _DIVERSITY_KEYS.items():
-        if key in overrides:
-            div[field_name] = overrides.pop(key)
-    allowed = set(_constructor_args(spec.cls))
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; expected some of "
-                         f"{sorted(allowed | set(_DIVERSITY_KEYS) | {'diversity'})}")
-    cfg.update(overrides)
-    cfg["diversity"] = DiversityConfig.from_dict(div).to_dict()
-    cfg["name"] = name
-    return cfg
-
-
-def _constructor_args(cls) -> list[str]:
-    import inspect
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-
-def build_model(name: str, **overrides) -> nn.Module:
-    """Build the registered variant ``name`` with ``overrides`` (see :func:`resolve_config`)."""
-    spec = model_spec(name)
-    return spec.cls(**resolve_config(name, **overrides))
-
-
-def build_model_from_config(config: dict) -> nn.Module:
-    """Rebuild a model from its ``model.config`` (e.g. a checkpoint's).
-
-    Options a config does not mention take the value they had before the option existed
-    (the class's ``legacy_config``: e.g. an ESR* run written before ``cbam_position`` was added
-    rebuilds with CBAM before the pooling, as it was trained), not today's default.
-    """
-    config = dict(config)
-    name = config.pop("name")
-    config.pop("family", None)
-    for key, value in getattr(model_spec(name).cls, "legacy_config", {}).items():
-        config.setdefault(key, value)
-    return build_model(name, **config)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not; BatchNorm buffers excluded)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---- ESR family: rows of Table 1 ---------------------------------------------------------
-_ESR_DATA = {"input_size": 96, "train_transform": "esr_train", "eval_transform": "eval",
-             "normalize": None, "protocol": "esr_growth", "label_space": "affectnet8"}
-for _n in (9, 15):
-    _common = dict(num_branches=_n, num_classes=8, input_size=96, in_channels=3, width=1.0,
-                   cbam_position="after_pool", decision="vote")
-    register_model(f"esr{_n}", ESR, f"ESR-{_n}: shared base + {_n} branches, no attention, no diversity",
-                   _ESR_DATA, attention=False, diversity={}, **_common)
-    register_model(f"esr{_n}_att", ESR, f"ESR-{_n} + CBAM after every conv block",
-                   _ESR_DATA, attention=True, diversity={}, **_common)
-    register_model(f"esr{_n}_att_sp", ESR, f"ESR-{_n} + CBAM + spatial attention diversity",
-                   _ESR_DATA, attention=True, diversity={"terms": ["spatial"], "gamma": 10.0}, **_common)
-    register_model(f"esr{_n}_div", ESR, f"ESR*-{_n}: CBAM + spatial + channel attention diversity",
-                   _ESR_DATA, attention=True, diversity={"terms": ["spatial", "channel"], "gamma": 10.0},
-                   **_common)
-
-# ---- MA-Net family (SPEC section 4) --------------------------------------------------------
-_MANET_DATA = {"input_size": 224, "train_transform": "manet_train", "eval_transform": "eval",
-               "normalize": None, "protocol": "single", "label_space": None}
-_manet_common = dict(num_classes=7, input_size=224, chain_order="ascending", local_weight=0.6)
-register_model("manet", MANet, "MA-Net: ResNet-18 stem, 4 CBAM patch branches + global multi-scale branch",
-               _MANET_DATA, diversity={}, **_manet_common)
-register_model("manet_div", MANet, "MA-Net*: MA-Net + patch spatial, patch channel and branch diversity",
-               _MANET_DATA, diversity={"terms": ["spatial", "channel", "branch"], "gamma": 10.0}, **_manet_common)
+__all__ = ["CBAM", "ESR", "ESROutput", "MANet", "MANetOutput", "TinyPair", "FERModel", "CamTarget", "check_contract",
+           "ModelSpec", "build_model", "build_model_from_config", "list_models", "model_spec", "register_model",
+           "resolve_config", "count_parameters"]

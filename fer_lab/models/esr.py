@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diversity import DiversityConfig
+from .base import CamTarget, FERModel
 from .cbam import CBAM
 from .common import LossOutput, diversity_loss, ensemble_from_logits, multi_head_ce
 from .fused import branch_hooks_registered, fused_branches_forward
+from .registry import register_model
 
 #: Ways to run the branches (see :attr:`ESR.branch_execution`).
 BRANCH_EXECUTIONS = ("loop", "fused")
@@ -212,7 +214,7 @@ class ESROutput:
     num_active: int | None = None
 
 
-class ESR(nn.Module):
+class ESR(FERModel):
     """Ensemble with shared representations.
 
     Args:
@@ -479,7 +481,7 @@ class ESR(nn.Module):
         return logits, feats, ca, sa, atts
 
     # ---- objective ----------------------------------------------------------------------
-    def learner_features(self, out: ESROutput) -> dict[str, torch.Tensor]:
+    def learners(self, out: ESROutput) -> dict[str, torch.Tensor]:
         """Per-term learner features ``(L, B, ...)`` the diversity term compares (every branch
         the forward pass ran, see ``diversity_scope``)."""
         if self.diversity_source == "attention":
@@ -503,15 +505,43 @@ class ESR(nn.Module):
         """
         k = out.num_active or out.branch_logits.shape[0]
         ce = multi_head_ce(out.branch_logits[:k], target)
-        return diversity_loss(self.learner_features(out), self.diversity, ("spatial", "channel"),
+        return diversity_loss(self.learners(out), self.diversity, ("spatial", "channel"),
                               ce.sum(), {f"branch_{l + 1}": c for l, c in enumerate(ce)})
 
-    def cam_layers(self) -> dict[str, nn.Module]:
+    def cam_targets(self) -> dict[str, CamTarget]:
         """Layers whose output Grad-CAM reads, per learner: ``base`` (shared, for the ensemble)
         and ``branch_<l>`` (each branch's last block, after its CBAM)."""
-        layers = {"base": self.base.blocks[-1].out}
-        layers.update({f"branch_{l + 1}": b.convs.blocks[-1].out for l, b in enumerate(self.branches)})
+        layers = {"base": CamTarget(self.base.blocks[-1].out)}
+        layers.update({f"branch_{l + 1}": CamTarget(b.convs.blocks[-1].out) for l, b in enumerate(self.branches)})
         return layers
+
+    def attention_layers(self) -> list[str]:
+        """``"last"`` (each branch's last CBAM: what ESR diversifies), ``"block<j>"`` (every
+        branch's j-th block, 0-based) and ``"base.<j>"`` (the shared base's j-th block); none
+        without attention."""
+        if not self.attention:
+            return []
+        return (["last"] + [f"block{j}" for j in range(len(self.branches[0].convs.blocks))]
+                + [f"base.{j}" for j in range(len(self.base.blocks))])
+
+    def channel_attention_maps(self, out: ESROutput) -> dict[str, torch.Tensor]:
+        """``{"branch_<l>": (B, C)}``: each branch's last CBAM channel attention (none without CBAM)."""
+        return {} if out.channel_attention is None else {f"branch_{l + 1}": c for l, c in enumerate(out.channel_attention)}
+
+    def attention_maps(self, out: ESROutput, layer: str = "last") -> dict[str, torch.Tensor]:
+        """``{"branch_<l>": (B, h, w)}`` spatial attention of ``layer`` for every branch the forward
+        pass ran (``{"base.<j>": ...}`` for a base block). Layers other than ``"last"`` need the
+        output of ``model(x, return_all_attention=True)``."""
+        if layer not in self.attention_layers():
+            raise self._unknown_layer(layer)
+        if layer == "last":
+            return {f"branch_{l + 1}": m for l, m in enumerate(out.spatial_attention)}
+        if not out.layer_attention:
+            raise ValueError(f"attention layer {layer!r} needs the output of model(x, return_all_attention=True)")
+        if layer.startswith("base."):
+            return {layer: out.layer_attention[layer][1]}
+        j = int(layer[len("block"):])
+        return {f"branch_{l + 1}": out.layer_attention[f"branch{l}.{j}"][1] for l in range(out.spatial_attention.shape[0])}
 
     def heads(self, out: ESROutput) -> dict[str, torch.Tensor]:
         """Per-head ``(B, K)`` scores whose argmax is the head's decision: ``vote`` (log of each
@@ -523,3 +553,20 @@ class ESR(nn.Module):
         heads = {"vote": shares.clamp_min(1e-12).log(), "ensemble": out.logits}
         heads.update({f"branch_{l + 1}": lg for l, lg in enumerate(out.branch_logits[:k])})
         return heads
+
+
+# ---- registered variants: rows of Table 1 ----------------------------------------------------
+#: what travels with every ESR variant besides its constructor arguments
+_ESR_DATA = {"train_transform": "esr_train", "protocol": "esr_growth", "label_space": "affectnet8"}
+for _n in (9, 15):
+    _common = dict(num_branches=_n, num_classes=8, input_size=96, in_channels=3, width=1.0,
+                   cbam_position="after_pool", decision="vote")
+    register_model(f"esr{_n}", ESR, f"ESR-{_n}: shared base + {_n} branches, no attention, no diversity",
+                   _ESR_DATA, attention=False, diversity={}, **_common)
+    register_model(f"esr{_n}_att", ESR, f"ESR-{_n} + CBAM after every conv block",
+                   _ESR_DATA, attention=True, diversity={}, **_common)
+    register_model(f"esr{_n}_att_sp", ESR, f"ESR-{_n} + CBAM + spatial attention diversity",
+                   _ESR_DATA, attention=True, diversity={"terms": ["spatial"], "gamma": 10.0}, **_common)
+    register_model(f"esr{_n}_div", ESR, f"ESR*-{_n}: CBAM + spatial + channel attention diversity",
+                   _ESR_DATA, attention=True, diversity={"terms": ["spatial", "channel"], "gamma": 10.0},
+                   **_common)

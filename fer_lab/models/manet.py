@@ -45,8 +45,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
 from ..diversity import DiversityConfig
+from .base import CamTarget, FERModel
 from .cbam import CBAM
 from .common import LossOutput, diversity_loss, multi_head_ce
+from .registry import register_model
 
 #: Number of patches of the local branch (a 2 x 2 grid of quadrants, row-major:
 #: top-left, top-right, bottom-left, bottom-right).
@@ -288,7 +290,7 @@ class MANetOutput:
         return tile_patches(self.patch_spatial_attention)
 
 
-class MANet(nn.Module):
+class MANet(FERModel):
     """MA-Net, optionally diversified (MA-Net*).
 
     Args:
@@ -359,7 +361,9 @@ class MANet(nn.Module):
                 "cbam_reduction": self.cbam_reduction}
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> MANetOutput:
+    def forward(self, x: torch.Tensor, return_all_attention: bool = False) -> MANetOutput:
+        """``return_all_attention`` is accepted for the model contract: MA-Net records only its
+        patches' last CBAM maps, so the output is the same either way."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"MA-Net expects input (B, 3, H, W), got {tuple(x.shape)}")
         check_input_size(x.shape[-2], x.shape[-1])
@@ -383,7 +387,7 @@ class MANet(nn.Module):
                            patch_spatial_attention=torch.stack(sas), patch_channel_attention=torch.stack(cas))
 
     # ---- objective ----------------------------------------------------------------------
-    def learner_features(self, out: MANetOutput) -> dict[str, torch.Tensor]:
+    def learners(self, out: MANetOutput) -> dict[str, torch.Tensor]:
         """Per-term learner features: ``spatial`` ``(4, B, h, w)`` and ``channel`` ``(4, B, 512)``
         from the patch maps, ``branch`` ``(2, B, 512)`` (local, global pooled features)."""
         return {"spatial": out.patch_maps.mean(dim=2), "channel": out.patch_maps.mean(dim=(3, 4)),
@@ -398,14 +402,39 @@ class MANet(nn.Module):
         """
         ce = multi_head_ce(torch.stack([out.local_logits, out.global_logits]), target)
         w = self.local_weight
-        return diversity_loss(self.learner_features(out), self.diversity, ("spatial", "channel", "branch"),
+        return diversity_loss(self.learners(out), self.diversity, ("spatial", "channel", "branch"),
                               w * ce[0] + (1 - w) * ce[1], {"local": ce[0], "global": ce[1]})
 
     def heads(self, out: MANetOutput) -> dict[str, torch.Tensor]:
         """Per-head ``(B, K)`` scores for accuracy: ``fused`` (the model's decision), ``local``, ``global``."""
         return {"fused": out.logits, "local": out.local_logits, "global": out.global_logits}
 
-    def cam_layers(self) -> dict[str, nn.Module]:
+    def cam_targets(self) -> dict[str, CamTarget]:
         """Layers whose output Grad-CAM reads: ``stem`` (layer2, shared), ``local`` (the
         re-tiled patch maps) and ``global`` (the multi-scale branch's last map)."""
-        return {"stem": self.stem.layer2, "local": self.local_out, "global": self.global_out}
+        return {"stem": CamTarget(self.stem.layer2), "local": CamTarget(self.local_out),
+                "global": CamTarget(self.global_out)}
+
+    def attention_layers(self) -> list[str]:
+        """``"last"``: the four patches' last CBAM maps, re-tiled over the face."""
+        return ["last"]
+
+    def channel_attention_maps(self, out: MANetOutput) -> dict[str, torch.Tensor]:
+        """``{"patch_<p>": (B, C)}``: each patch's last CBAM channel attention."""
+        return {f"patch_{p + 1}": c for p, c in enumerate(out.patch_channel_attention)}
+
+    def attention_maps(self, out: MANetOutput, layer: str = "last") -> dict[str, torch.Tensor]:
+        """``{"local patches": (B, 2h, 2w)}``: the patch CBAMs' spatial maps re-tiled face-aligned."""
+        if layer != "last":
+            raise self._unknown_layer(layer)
+        return {"local patches": out.tiled_spatial_attention}
+
+
+# ---- registered variants (SPEC section 4) ----------------------------------------------------
+#: what travels with every MA-Net variant besides its constructor arguments (label space: the dataset's)
+_MANET_DATA = {"train_transform": "manet_train", "protocol": "single", "label_space": None}
+_manet_common = dict(num_classes=7, input_size=224, chain_order="ascending", local_weight=0.6)
+register_model("manet", MANet, "MA-Net: ResNet-18 stem, 4 CBAM patch branches + global multi-scale branch",
+               _MANET_DATA, diversity={}, **_manet_common)
+register_model("manet_div", MANet, "MA-Net*: MA-Net + patch spatial, patch channel and branch diversity",
+               _MANET_DATA, diversity={"terms": ["spatial", "channel", "branch"], "gamma": 10.0}, **_manet_common)
