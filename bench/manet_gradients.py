@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 from fer_lab.data import build_dataset, build_transform  # noqa: E402
 from fer_lab.diversity import pairwise_sq_distances, prepare  # noqa: E402
 from fer_lab.models import build_model  # noqa: E402
-from fer_lab.models.common import TERM_ABBREV  # noqa: E402
+from fer_lab.schema import TERM_ABBREV  # noqa: E402
 from fer_lab.train import TrainConfig, train  # noqa: E402
 
 SIZE = 112

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .cam import grad_cam
+from .data.base import stack_items
 from .data.synthetic import REGIONS
 from .models.common import NON_DIFFERENTIABLE_HEADS
+from .utils import offdiag
 
 
 @torch.no_grad()
@@ -87,15 +89,6 @@ def learner_predictions(model, out, learners) -> np.ndarray:
     return np.stack([heads.get(k, heads[model.main_head]).argmax(dim=-1).cpu().numpy() for k in learners])
 
 
-@torch.no_grad()
-def _batch(dataset, indices):
-    items = [dataset[int(i)] for i in indices]
-    x = torch.stack([it[0] for it in items])
-    y = torch.as_tensor([int(it[1]) for it in items])
-    masks = torch.stack([torch.as_tensor(it[2]) for it in items]) if len(items[0]) > 2 else None
-    return x, y, masks
-
-
 def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, with_grad_cam: bool = True):
     """Share of each learner's attention inside the expression regions, averaged over ``indices``.
 
@@ -114,7 +107,7 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
     acc: dict[tuple[str, str], list[dict]] = {}
     try:
         for start in range(0, len(indices), batch_size):
-            x, y, masks = _batch(dataset, indices[start:start + batch_size])
+            x, y, masks = stack_items(dataset, indices[start:start + batch_size])
             if masks is None:
                 raise ValueError("region_scores needs a dataset that returns region masks (synthetic faces "
                                  "with return_masks=True)")
@@ -141,7 +134,7 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
 
 # ---- how different are the learners? ---------------------------------------------------------
 def _offdiag_mean(M: np.ndarray) -> float:
-    off = M[~np.eye(M.shape[0], dtype=bool)]
+    off = offdiag(M)
     return float(off.mean()) if off.size else float("nan")
 
 
@@ -182,7 +175,7 @@ def branch_agreement(model, dataset, batch_size: int = 256, max_items: int | Non
     preds, feats, atts = [], [], []
     try:
         for start in range(0, n, batch_size):
-            x, _, _ = _batch(dataset, range(start, min(n, start + batch_size)))
+            x, _, _ = stack_items(dataset, range(start, min(n, start + batch_size)))
             out = model(x.to(device))
             k = getattr(out, "num_active", None) or out.branch_logits.shape[0]
             preds.append(out.branch_logits[:k].argmax(-1).cpu().numpy())

@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import schema
 from .runs import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -263,11 +264,12 @@ def _summary_row(name: str, params: dict, run_dir: Path) -> dict:
         m = read_json(run_dir / "metrics.json")
         head = m["selected"]["head"]
         test = m.get("test", {})
-        row.update(head=head, val_acc=m["selected"]["val_score"], test_acc=test.get(f"acc_{head}"))
-        # the ensemble's other decisions beside the selected one (ESR: vote and softmax mean)
-        row.update({f"test_{k}": v for k, v in test.items() if k.startswith("acc_") and not k.startswith("acc_branch")
-                    and k != f"acc_{head}"})
-        row.update({f"test_{k}": v for k, v in m.get("test", {}).items() if k.startswith("D_")})
+        row.update(head=head, val_acc=m["selected"]["val_score"], test_acc=test.get(schema.acc(head)))
+        # the model's other decisions beside the selected one (ESR: vote and softmax mean), not each learner's
+        keys = list(test)
+        row.update({schema.col("test", schema.acc(h)): test[schema.acc(h)]
+                    for h in schema.decision_heads(keys, None) if h != head})
+        row.update({schema.col("test", schema.D(t)): test[schema.D(t)] for t in schema.terms(keys, None)})
     return row
 
 

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import schema
 from .runs import read_json
 
 #: Table 1 row of each registered variant (the paper's wording).
@@ -82,10 +83,11 @@ def collect_runs(paths: Iterable) -> "pd.DataFrame":  # noqa: F821
                "dataset": train["dataset"], "seed": train["seed"],
                "gamma": model["diversity"]["gamma"], "diagonal": model["diversity"]["diagonal"],
                "terms": "+".join(model["diversity"]["terms"]) or "none", "head": head,
-               "test_acc": 100 * test[f"acc_{head}"] if f"acc_{head}" in test else np.nan,
+               "test_acc": 100 * test[schema.acc(head)] if schema.acc(head) in test else np.nan,
                "val_acc": 100 * m["selected"]["val_score"], "epochs": len(pd.read_csv(d / "history.csv")),
                "train_time_s": m.get("train_time_s")}
-        row.update({f"test_{k}": (100 * v if k.startswith("acc_") else v) for k, v in test.items()
+        accs = {schema.acc(h) for h in schema.heads(test, None)}
+        row.update({schema.col("test", k): (100 * v if k in accs else v) for k, v in test.items()
                     if isinstance(v, (int, float))})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -159,11 +161,14 @@ def markdown_table(table: "pd.DataFrame") -> str:  # noqa: F821
 
 # ---- what the learners did: diagnostics, disagreement and overlap per run, over seeds ----------
 #: per-epoch columns kept in a run's study record (the diagnostics figure)
-STUDY_SERIES = ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp", "val_acc_vote")
+STUDY_SERIES = (schema.col("train", schema.karg("sp", 0.5)), schema.col("train", schema.S_offdiag("sp")),
+                schema.col("train", schema.gradshare("sp")), schema.col("val", schema.acc("vote")))
 #: (history column, record key) of the last epoch's diagnostics, per term
-_LAST_EPOCH = [(col.format(t=t), key.format(t=t)) for t in ("sp", "ch") for col, key in
-               (("train_karg_{t}_q50", "karg_median_{t}"), ("train_S_offdiag_{t}", "S_offdiag_{t}"),
-                ("train_gradshare_D_{t}", "gradshare_{t}"), ("val_D_{t}", "D_{t}"), ("train_gamma_{t}", "gamma_{t}"))]
+_LAST_EPOCH = [(column, f"{key}_{t}") for t in ("sp", "ch") for column, key in
+               ((schema.col("train", schema.karg(t, 0.5)), "karg_median"),
+                (schema.col("train", schema.S_offdiag(t)), "S_offdiag"),
+                (schema.col("train", schema.gradshare(t)), "gradshare"), (schema.col("val", schema.D(t)), "D"),
+                (schema.col("train", schema.gamma(t)), "gamma"))]
 
 
 def run_diagnostics(run_dir, agreement: bool = True) -> dict:
@@ -185,8 +190,8 @@ def run_diagnostics(run_dir, agreement: bool = True) -> dict:
     test = m.get("test", {})
     rec = {"run": run_dir.name, "seed": read_json(run_dir / "config.json")["train"]["seed"],
            "train_time_s": m.get("train_time_s"), "epochs": len(h), "holdout_acc": m["selected"]["val_score"],
-           "valid_acc_vote": test.get("acc_vote"), "valid_acc_softmax_mean": test.get("acc_ensemble"),
-           "valid_acc_branches": [test[k] for k in sorted(test) if k.startswith("acc_branch_")],
+           "valid_acc_vote": test.get(schema.acc("vote")), "valid_acc_softmax_mean": test.get(schema.acc("ensemble")),
+           "valid_acc_branches": [test[schema.acc(h)] for h in schema.learner_heads(test, None)],
            "saturation_warnings": len(m.get("saturation_warnings", []))}
     for col, key in _LAST_EPOCH:
         if col in h:

@@ -36,8 +36,9 @@ from .protocols import PROTOCOLS as _PROTOCOL_CLASSES, Protocol, Stage, make_pro
 from .data import balanced_subset, build_dataset, build_transform, dataset_entry, dataset_splits
 from .data.transforms import batch_transform
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
-from .models.common import TERM_ABBREV
-from .utils import batches, derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, pick_device, set_seed
+from . import schema
+from .utils import (batches, derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, offdiag,
+                    pick_device, set_seed)
 
 log = logging.getLogger(__name__)
 
@@ -371,9 +372,6 @@ def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> Da
 class EpochMeter:
     """Accumulates a phase's losses, accuracies, diversity and similarity on the device."""
 
-    #: quantiles of the kernel arguments recorded per term (``karg_sp_q50`` ...)
-    QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
     def __init__(self):
         self.n = 0
         self.batches = 0
@@ -395,35 +393,34 @@ class EpochMeter:
         self._add("loss", lo.total, b)
         self._add("ce", lo.ce_total, b)
         for head, ce in lo.ce.items():
-            self._add(f"ce_{head}", ce, b)
+            self._add(schema.ce(head), ce, b)
         for term, D in lo.diversity.items():
-            self._add(f"D_{TERM_ABBREV[term]}", D, b)
+            self._add(schema.D(term), D, b)
         for term, S in lo.similarity.items():
-            k = TERM_ABBREV[term]
+            k = schema.abbrev(term)
             self.sim[k] = self.sim[k] + S.detach().float() if k in self.sim else S.detach().float()
             self.sim_batches[k] = self.sim_batches.get(k, 0) + 1
         for term, d in lo.diagnostics.items():
-            k = TERM_ABBREV[term]
+            k = schema.abbrev(term)
             self.kargs.setdefault(k, []).append(d["kernel_args"].float().cpu())
             self.gammas.setdefault(k, []).append(d["gamma"])
         for head, score in heads.items():
-            pred = score.argmax(dim=1) if score.dim() == 2 else score
-            self._add(f"acc_{head}", (pred == hard).float().sum(), 1)
+            self._add(schema.acc(head), (score.argmax(dim=1) == hard).float().sum(), 1)
 
     def result(self) -> tuple[dict, dict]:
         """(scalars averaged over samples, similarity matrices averaged over batches as numpy)."""
         scalars = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
         sims = {k: (v / self.sim_batches[k]).cpu().numpy() for k, v in self.sim.items()}
         for k, S in sims.items():
-            off = S[~np.eye(S.shape[0], dtype=bool)]
+            off = offdiag(S)
             if off.size:
-                scalars[f"S_offdiag_{k}"] = float(off.mean())          # 0: saturated, 1: learners identical
-                scalars[f"S_offdiag_max_{k}"] = float(off.max())
+                scalars[schema.S_offdiag(k)] = float(off.mean())          # 0: saturated, 1: learners identical
+                scalars[schema.S_offdiag_max(k)] = float(off.max())
         for k, parts in self.kargs.items():
             args = torch.cat(parts)
-            qs = torch.quantile(args.double(), torch.tensor(self.QUANTILES, dtype=torch.float64))
-            scalars.update({f"karg_{k}_q{round(q * 100):02d}": float(v) for q, v in zip(self.QUANTILES, qs)})
-            scalars[f"gamma_{k}"] = float(np.mean(self.gammas[k]))
+            qs = torch.quantile(args.double(), torch.tensor(schema.QUANTILES, dtype=torch.float64))
+            scalars.update({schema.karg(k, q): float(v) for q, v in zip(schema.QUANTILES, qs)})
+            scalars[schema.gamma(k)] = float(np.mean(self.gammas[k]))
         return scalars, sims
 
 
@@ -433,17 +430,16 @@ def _grad_norms(model, lo) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     parts = {"ce": lo.ce_total}
-    parts.update({f"D_{TERM_ABBREV[t]}": lo.diversity[t] for t in lo.in_loss})
+    parts.update({schema.D(t): lo.diversity[t] for t in lo.in_loss})
     if lo.in_loss:
         parts["total"] = lo.total
     for key, value in parts.items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=value.device))
-        out[f"gradnorm_{key}"] = float(sq.sqrt())
+        out[schema.gradnorm(key)] = float(sq.sqrt())
     weight = getattr(getattr(model, "diversity", None), "weight", 1.0)
     for t in lo.in_loss:
-        k = f"D_{TERM_ABBREV[t]}"
-        out[f"gradshare_{k}"] = weight * out[f"gradnorm_{k}"] / max(out["gradnorm_total"], 1e-30)
+        out[schema.gradshare(t)] = weight * out[schema.gradnorm(schema.D(t))] / max(out[schema.gradnorm("total")], 1e-30)
     return out
 
 
@@ -509,14 +505,14 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
 
 @torch.no_grad()
 def predict(model, loader, device) -> dict[str, np.ndarray]:
-    """Scores of every head on ``loader`` in eval mode: ``{head: (N, K) or (N,)}``, plus ``target``."""
+    """Softmax of every head's ``(N, K)`` scores on ``loader`` in eval mode (``{head: (N, K)}``), plus
+    ``target`` ``(N,)`` (the argmax of soft labels)."""
     model.eval()
     acc: dict[str, list] = {}
     for x, y in batches(loader):
         out = model(_input(x, device, model))
         for head, score in model.heads(out).items():
-            s = score.float().softmax(dim=1) if score.dim() == 2 else score
-            acc.setdefault(head, []).append(s.cpu())
+            acc.setdefault(head, []).append(score.float().softmax(dim=1).cpu())
         acc.setdefault("target", []).append((y.argmax(dim=1) if y.dim() == 2 else y).cpu())
     return {k: torch.cat(v).numpy() for k, v in acc.items()}
 
@@ -584,6 +580,32 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     with deterministic_mode(cfg.deterministic), flush_denormal():
         return _train(cfg, resume, list(callbacks))
+
+
+def train_or_resume(cfg: TrainConfig | dict, callbacks: Iterable[Callback] = ()) -> Path:
+    """What a notebook does with its parameters: a finished run (``metrics.json`` present) is
+    left as it is, a started one resumes from its checkpoint, otherwise the run trains; returns
+    the run directory."""
+    cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    if (run_dir / "metrics.json").exists():
+        print(f"{run_dir} is finished; delete it to train again")
+        return run_dir
+    return train(cfg, resume=(run_dir / "config.json").exists(), callbacks=callbacks)
+
+
+class EpochLine(Callback):
+    """One line per epoch (visible in papermill's ``--log-output``): the decision head's train
+    and val accuracy, the model's other decision heads, each diversity term's D, the time."""
+
+    def on_epoch_end(self, event):
+        r, head = event["record"], event["model"].main_head
+        others = [h for h in schema.decision_heads(r, "val") if h != head]
+        parts = [f"stage {r['stage'] + 1} epoch {r['epoch'] + 1}", f"train acc ({head}) "
+                 f"{r[schema.col('train', schema.acc(head))]:.3f}", f"val acc {r[schema.col('val', schema.acc(head))]:.3f}"]
+        parts += [f"val {h} {r[schema.col('val', schema.acc(h))]:.3f}" for h in others]
+        parts += [f"D_{t} {r[schema.col('val', schema.D(t))]:.3f}" for t in schema.terms(r, "val")]
+        print(", ".join(parts + [f"{r['time_s']:.0f} s"]), flush=True)
 
 
 def _fresh_model(cfg: TrainConfig, protocol: Protocol):
@@ -738,14 +760,13 @@ def saturation_warnings(scalars: dict, stage: int, epoch: int, seen: list) -> li
     stage; appends ``{"stage", "epoch", "term", "S_offdiag_max", "gradshare", "kernel_arg_median"}``
     records to ``seen`` (kept in ``metrics.json``)."""
     out = []
-    for key in sorted(k for k in scalars if k.startswith("gradshare_D_")):
-        t = key[len("gradshare_D_"):]
-        smax, share = scalars.get(f"S_offdiag_max_{t}"), scalars[key]
+    for t in schema.gradshare_terms(scalars):
+        smax, share = scalars.get(schema.S_offdiag_max(t)), scalars[schema.gradshare(t)]
         if smax is None or not (smax < SATURATION and share < SATURATION):
             continue
         if any(w["stage"] == stage and w["term"] == t for w in seen):
             continue
-        med = scalars.get(f"karg_{t}_q50", float("nan"))
+        med = scalars.get(schema.karg(t, 0.5), float("nan"))
         seen.append({"stage": stage, "epoch": epoch, "term": t, "S_offdiag_max": smax, "gradshare": share,
                      "kernel_arg_median": med})
         out.append(f"stage {stage + 1} epoch {epoch + 1}: diversity term D_{t} is saturated (largest off-diagonal "
@@ -820,7 +841,7 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
         preds = predict(model, test_loader, device)
         target = preds["target"]
         main = preds[model.main_head]
-        main_pred = main.argmax(axis=1) if main.ndim == 2 else main
+        main_pred = main.argmax(axis=1)
         metrics["test"] = test
         metrics["test"]["similarity"] = {k: v.tolist() for k, v in test_sim.items()}
         metrics["test"]["confusion"] = confusion_matrix(target, main_pred, len(data.classes)).tolist()

@@ -99,6 +99,12 @@ def batches(loader):
         yield batch
 
 
+def offdiag(M) -> np.ndarray:
+    """The off-diagonal entries of a square matrix, flattened."""
+    M = np.asarray(M)
+    return M[~np.eye(M.shape[0], dtype=bool)]
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
     if str(device) == "auto":

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from . import schema
 from .runs import atomic_write_bytes, load_run
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def plot_similarity_epochs(similarity: dict, term: str = "sp", phase: str = "tra
     ``similarity`` is a run's ``similarity.npz`` as a dict (arrays ``<phase>_S_<term>``
     of shape ``(E, L, L)``, plus ``stage``/``epoch``).
     """
-    key = f"{phase}_S_{term}"
+    key = schema.col(phase, schema.S(term))
     if key not in similarity:
         raise KeyError(f"no {key!r} in the similarity record; available: {sorted(similarity)}")
     stack = similarity[key]
@@ -173,11 +174,11 @@ def plot_determinant_trends(history, terms: Sequence[str] | None = None, ax=None
     or ``"auto"`` (``log1m`` when every plotted value is above 0.99).
     """
     if terms is None:
-        terms = [c.split("_D_")[1] for c in history.columns if c.startswith("train_D_")]
+        terms = schema.terms(history.columns, "train")
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 2.8))
     x = history["global_epoch"] + 1
-    cols = [f"{p}_D_{t}" for t in terms for p in phases if f"{p}_D_{t}" in history]
+    cols = [schema.col(p, schema.D(t)) for t in terms for p in phases if schema.col(p, schema.D(t)) in history]
     values = np.concatenate([history[c].to_numpy(dtype=float) for c in cols]) if cols else np.array([])
     values = values[np.isfinite(values)]
     if scale == "auto":
@@ -186,7 +187,7 @@ def plot_determinant_trends(history, terms: Sequence[str] | None = None, ax=None
         raise ValueError(f"scale={scale!r}: expected 'linear', 'log1m' or 'auto'")
     for i, term in enumerate(terms):
         for phase, ls in zip(phases, ("-", "--")):
-            col = f"{phase}_D_{term}"
+            col = schema.col(phase, schema.D(term))
             if col in history:
                 y = history[col].to_numpy(dtype=float)
                 y = np.clip(1.0 - y, LOG_FLOOR, None) if scale == "log1m" else y
@@ -212,23 +213,23 @@ def plot_diversity_diagnostics(history, terms: Sequence[str] | None = None, phas
     and the term's share of the loss's gradient (log). A saturated term shows arguments far above
     10, off-diagonals near 0 and a share near 0 at a glance."""
     if terms is None:
-        terms = sorted({c.split("_")[2] for c in history.columns if c.startswith(f"{phase}_karg_")})
+        terms = schema.diagnosed_terms(history.columns, phase)
     fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.0))
     x = history["global_epoch"] + 1
     axes[0].axhspan(0.1, 10.0, color="#EEEEEE", zorder=0)
     for i, t in enumerate(terms):
         color = PALETTE[i % len(PALETTE)]
         name = TERM_LABELS.get(t, t)
-        med = history.get(f"{phase}_karg_{t}_q50")
+        med = history.get(schema.col(phase, schema.karg(t, 0.5)))
         if med is not None:
-            lo, hi = history[f"{phase}_karg_{t}_q05"], history[f"{phase}_karg_{t}_q95"]
+            lo, hi = history[schema.col(phase, schema.karg(t, 0.05))], history[schema.col(phase, schema.karg(t, 0.95))]
             axes[0].fill_between(x, np.clip(lo, LOG_FLOOR, None), np.clip(hi, LOG_FLOOR, None), color=color,
                                  alpha=0.2, lw=0)
             axes[0].plot(x, np.clip(med, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
-        off = history.get(f"{phase}_S_offdiag_{t}")
+        off = history.get(schema.col(phase, schema.S_offdiag(t)))
         if off is not None:
             axes[1].plot(x, np.clip(off, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
-        share = history.get(f"train_gradshare_D_{t}")
+        share = history.get(schema.col("train", schema.gradshare(t)))
         if share is not None:
             axes[2].plot(x, np.clip(share, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
     titles = ("kernel argument gamma d^2 (median, 5-95 %)", "mean off-diagonal of S", "share of the loss gradient")
@@ -244,23 +245,44 @@ def plot_diversity_diagnostics(history, terms: Sequence[str] | None = None, phas
     return fig
 
 
-def plot_accuracy_curves(history, phase: str = "val", ax=None):
-    """Per-branch (thin, coloured) and ensemble (black: the decision thick, the other heads thin) accuracy
-    per epoch."""
+def plot_gradient_norms(history, ax=None):
+    """Norm of the loss's parameter gradient per epoch (first training batch), for the CE part,
+    each diversity term in the loss and the whole loss; log axis."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 2.8))
     x = history["global_epoch"] + 1
-    branch_cols = sorted((c for c in history.columns if c.startswith(f"{phase}_acc_branch_")),
-                         key=lambda c: int(c.rsplit("_", 1)[1]))
-    for i, col in enumerate(branch_cols):
-        ax.plot(x, history[col], color=PALETTE[i % len(PALETTE)], lw=1, alpha=0.9,
-                label=col.replace(f"{phase}_acc_", "").replace("branch_", "branch "))
-    # ESR: the vote is the decision (thick), the softmax mean beside it; MA-Net: fused, local, global
-    for head, style, label in (("vote", "-", "vote"), ("ensemble", ":", "softmax mean"), ("fused", "-", "fused"),
-                               ("local", "--", "local"), ("global", "-.", "global")):
-        col = f"{phase}_acc_{head}"
-        if col in history:
-            ax.plot(x, history[col], color=ENSEMBLE_COLOR, lw=2 if style == "-" else 1.2, ls=style, label=label)
+    for i, part in enumerate(schema.gradnorm_parts(history.columns)):
+        ax.semilogy(x, history[schema.col("train", schema.gradnorm(part))].clip(lower=1e-8), marker="o", ms=2.5,
+                    color=PALETTE[i % len(PALETTE)], label=part)
+    _stage_lines(ax, history)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient norm (first batch)")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    return ax
+
+
+#: legend names of heads whose record name is not what a reader calls them
+HEAD_LABELS = {"ensemble": "softmax mean"}
+
+
+def plot_accuracy_curves(history, phase: str = "val", ax=None, main_head: str | None = None):
+    """Accuracy per epoch: each learner's head thin and coloured, the other heads black, the
+    model's decision (``main_head``, e.g. ``run.metrics["selected"]["head"]``; default the first
+    decision head recorded) thick."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 2.8))
+    x = history["global_epoch"] + 1
+    for i, head in enumerate(schema.learner_heads(history.columns, phase)):
+        ax.plot(x, history[schema.col(phase, schema.acc(head))], color=PALETTE[i % len(PALETTE)], lw=1, alpha=0.9,
+                label=head.replace("_", " "))
+    decisions = schema.decision_heads(history.columns, phase)
+    main_head = main_head if main_head in decisions else (decisions[0] if decisions else None)
+    others = iter((":", "--", "-."))
+    for head in decisions:
+        style = "-" if head == main_head else next(others, ":")
+        ax.plot(x, history[schema.col(phase, schema.acc(head))], color=ENSEMBLE_COLOR, lw=2 if style == "-" else 1.2,
+                ls=style, label=HEAD_LABELS.get(head, head))
     _stage_lines(ax, history)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{phase} accuracy")
@@ -471,10 +493,9 @@ def collect_attention(model, dataset, indices: Sequence[int], device="cpu"):
     was_training = model.training
     model.eval()
     try:
-        items = [dataset[int(i)] for i in indices]
-        x = torch.stack([it[0] for it in items])
-        y = torch.as_tensor([int(it[1]) if not torch.is_tensor(it[1]) or it[1].dim() == 0
-                             else int(it[1].argmax()) for it in items])
+        from .data.base import stack_items
+
+        x, y, _ = stack_items(dataset, indices)
         out = model(x.to(device))
     finally:
         model.train(was_training)
@@ -514,24 +535,23 @@ def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int 
 
     if len(h):
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.8))
-        plot_accuracy_curves(h, "train", axes[0])
-        plot_accuracy_curves(h, "val", axes[1])
+        main = (run.metrics or {}).get("selected", {}).get("head")
+        plot_accuracy_curves(h, "train", axes[0], main)
+        plot_accuracy_curves(h, "val", axes[1], main)
         fig.tight_layout()
         emit(fig, "accuracy_curves")
-        if any(c.startswith("train_D_") for c in h.columns):
+        if schema.has_diversity(h.columns):
             fig, ax = plt.subplots(figsize=(4.6, 3.0))
             plot_determinant_trends(h, ax=ax)
             fig.tight_layout()
             emit(fig, "determinant_trends")
-        if any(c.startswith("train_karg_") for c in h.columns):
+        if schema.diagnosed_terms(h.columns):
             emit(plot_diversity_diagnostics(h), "diversity_diagnostics")
-    for key in sorted(run.similarity):
-        if key.startswith("train_S_"):
-            term = key[len("train_S_"):]
-            try:
-                emit(plot_similarity_epochs(run.similarity, term, "train"), f"similarity_{term}")
-            except ValueError as err:
-                log.info("no similarity figure for %s: %s", term, err)
+    for term in sorted(schema.similarity_terms(run.similarity, "train")):
+        try:
+            emit(plot_similarity_epochs(run.similarity, term, "train"), f"similarity_{term}")
+        except ValueError as err:
+            log.info("no similarity figure for %s: %s", term, err)
     if run.metrics and "test" in run.metrics and "confusion" in run.metrics["test"]:
         fig, ax = plt.subplots(figsize=(4.6, 3.8))
         plot_confusion(np.array(run.metrics["test"]["confusion"]), run.metrics["classes"], ax=ax,

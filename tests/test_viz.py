@@ -50,6 +50,13 @@ def test_figures_are_written_in_three_valid_formats(tmp_path, history):
     check_files(viz.save_figure(viz.plot_similarity_epochs(sims, "sp"), tmp_path, "sim_epochs"))
     check_files(viz.save_figure(viz.plot_determinant_trends(history).figure, tmp_path, "det"))
     check_files(viz.save_figure(viz.plot_accuracy_curves(history).figure, tmp_path, "acc"))
+    ax = viz.plot_accuracy_curves(history, "val", main_head="vote")
+    styles = {ln.get_label(): (ln.get_linewidth(), ln.get_linestyle()) for ln in ax.lines}
+    assert styles["vote"] == (2, "-") and styles["softmax mean"][1] != "-"      # the decision is the thick line
+    assert [k for k in styles if k.startswith("branch")] == ["branch 1", "branch 2", "branch 3"]
+    grads = history.assign(train_gradnorm_ce=1.0, train_gradnorm_D_sp=1e-3, train_gradnorm_total=1.0)
+    ax = viz.plot_gradient_norms(grads)
+    assert [ln.get_label() for ln in ax.lines if not ln.get_label().startswith("_")] == ["ce", "D_sp", "total"]
     check_files(viz.save_figure(viz.plot_confusion(np.eye(3) * 5 + 1, ["a", "b", "c"]).figure, tmp_path, "cm"))
     images = np.random.rand(2, 3, 16, 16)
     fig = viz.plot_map_grid(images, np.random.rand(3, 2, 4, 4), ["a", "b"], [0, 1], [[0, 1]] * 3)

@@ -26,13 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import FaceDataset
+from .base import FaceDataset, stack_items
 from .errors import DatasetError
 from .labels import AFFECTNET7, AFFECTNET8, LABEL_SPACES, label_map
 from .sampling import balanced_subset
 from .transforms import build_transform
 
-__all__ = ["FaceDataset", "DatasetError", "AFFECTNET7", "AFFECTNET8", "LABEL_SPACES", "label_map",
+__all__ = ["FaceDataset", "stack_items", "DatasetError", "AFFECTNET7", "AFFECTNET8", "LABEL_SPACES", "label_map",
            "balanced_subset", "build_transform", "build_dataset", "register_dataset", "list_datasets",
            "dataset_splits", "dataset_entry", "DatasetEntry"]
 

@@ -30,6 +30,20 @@ def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
+def stack_items(dataset, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``dataset[i]`` for each of ``indices`` as one batch: ``(images (B, C, H, W), targets (B,),
+    masks (B, R, H, W) or None)``; a soft target (class probabilities) counts as its argmax, and
+    masks come from datasets that return them (synthetic faces with ``return_masks=True``)."""
+    items = [dataset[int(i)] for i in indices]
+    if not items:
+        raise ValueError("stack_items: no indices given")
+    x = torch.stack([it[0] for it in items])
+    y = torch.as_tensor([int(it[1]) if not torch.is_tensor(it[1]) or it[1].dim() == 0 else int(it[1].argmax())
+                         for it in items])
+    masks = torch.stack([torch.as_tensor(it[2]) for it in items]) if len(items[0]) > 2 else None
+    return x, y, masks
+
+
 class FaceDataset(Dataset, abc.ABC):
     """Base class: uint8 faces, integer labels, optional transform and label space.
 

@@ -41,8 +41,6 @@ class LossOutput:
 #: Heads whose scores carry no gradient (a vote): Grad-CAM and other gradient methods skip them.
 NON_DIFFERENTIABLE_HEADS = ("vote",)
 
-#: Short names of the diversity terms in history columns (``D_sp``, ``S_ch``, ...).
-TERM_ABBREV = {"spatial": "sp", "channel": "ch", "branch": "b"}
 
 
 def diversity_loss(features: dict, config: DiversityConfig, monitor: tuple[str, ...], total: torch.Tensor, ce: dict) -> LossOutput:
