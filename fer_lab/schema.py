@@ -42,45 +42,28 @@ def col(phase: str, key: str) -> str:
     return f"{phase}_{key}"
 
 
-def acc(head: str) -> str:
-    return f"acc_{head}"
+def _named(prefix: str, of_term: bool):
+    """The key maker ``name -> f"{prefix}_{name}"`` (a term's name shortened, :func:`abbrev`)."""
+    def key(name: str) -> str:
+        return f"{prefix}_{abbrev(name) if of_term else name}"
+    key.__name__ = key.__qualname__ = prefix
+    key.__doc__ = f"``{prefix}_<{'term' if of_term else 'name'}>``"
+    return key
 
 
-def ce(head: str) -> str:
-    return f"ce_{head}"
-
-
-def D(term: str) -> str:
-    return f"D_{abbrev(term)}"
-
-
-def S(term: str) -> str:
-    """Similarity array key (``similarity.npz`` holds ``col(phase, S(term))``)."""
-    return f"S_{abbrev(term)}"
-
-
-def S_offdiag(term: str) -> str:
-    return f"S_offdiag_{abbrev(term)}"
-
-
-def S_offdiag_max(term: str) -> str:
-    return f"S_offdiag_max_{abbrev(term)}"
+acc = _named("acc", False)                    #: a head's accuracy
+ce = _named("ce", False)                      #: a head's cross-entropy
+gradnorm = _named("gradnorm", False)          #: gradient norm of ``ce``, ``total`` or ``D_<t>``
+D = _named("D", True)                         #: a term's determinant
+S = _named("S", True)                         #: similarity array (``similarity.npz``: ``col(phase, S(term))``)
+S_offdiag = _named("S_offdiag", True)         #: mean off-diagonal of S
+S_offdiag_max = _named("S_offdiag_max", True)  #: largest off-diagonal of S
+gamma = _named("gamma", True)                 #: the bandwidth used
+gradshare = _named("gradshare_D", True)       #: a term's share of the loss's gradient
 
 
 def karg(term: str, q: float) -> str:
     return f"karg_{abbrev(term)}_q{round(q * 100):02d}"
-
-
-def gamma(term: str) -> str:
-    return f"gamma_{abbrev(term)}"
-
-
-def gradnorm(part: str) -> str:
-    return f"gradnorm_{part}"
-
-
-def gradshare(term: str) -> str:
-    return f"gradshare_{D(term)}"
 
 
 def _suffixes(columns: Iterable[str], prefix: str) -> list[str]:
