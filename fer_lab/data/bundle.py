@@ -1,0 +1,94 @@
+"""The datasets of a run: train / val / test with the configured transforms, a stratified
+hold-out of train when the dataset has no validation split, and their description
+(``dataset.json``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch.utils.data import Subset
+
+from . import build_dataset, build_transform, dataset_entry, dataset_splits
+from ..models import model_spec
+from ..utils import derive_seed
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+@dataclass
+class DataBundle:
+    train: Any
+    val: Any
+    test: Any
+    describe: dict
+    train_targets: np.ndarray
+    classes: tuple
+
+
+def holdout_split(targets: np.ndarray, fraction: float, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of indices into ``(keep, held_out)`` with ``fraction`` of each class held out
+    (rounded, but at least one item of every class that has two or more)."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        n = max(int(round(len(idx) * fraction)), 1 if len(idx) >= 2 else 0)
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> DataBundle:
+    """Train/val/test datasets with the configured transforms, and their description.
+
+    Splits: the dataset's own ``val``/``test`` where it has them; without ``val``, a
+    stratified ``val_fraction`` of train is held out for model selection; without
+    ``test``, the dataset's ``val`` split is the reported one.
+    """
+    spec_data = model_spec(cfg.model).data
+    train_tf = build_transform(cfg.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
+                               normalize=cfg.image_normalize, random_erasing=cfg.random_erasing)
+    eval_tf = build_transform("eval", image_size, normalize=cfg.image_normalize)
+    options = dict(cfg.data_options)
+    size_option = dataset_entry(cfg.dataset).size_option
+    if size_option:
+        options.setdefault(size_option, image_size)
+    if cfg.cache_dir:
+        options.setdefault("cache", cfg.cache_dir)
+    splits = dataset_splits(cfg.dataset, root=cfg.data_root, **options)
+
+    def make(split, tf):
+        return build_dataset(cfg.dataset, root=cfg.data_root, split=split, transform=tf,
+                             label_space=label_space, **options)
+
+    train_full = make("train", train_tf)
+    has_val, has_test = "val" in splits, "test" in splits
+    train, train_targets = train_full, train_full.targets
+    if has_val and has_test:
+        val, test = make("val", eval_tf), make("test", eval_tf)
+        roles = {"train": "train", "val": "val", "test": "test"}
+    else:
+        # select on a stratified hold-out of train; report the dataset's own evaluation split
+        keep, held = holdout_split(train_full.targets, cfg.val_fraction, derive_seed("holdout", cfg.dataset))
+        train, train_targets = Subset(train_full, keep), train_full.targets[keep]
+        val = Subset(make("train", eval_tf), held)
+        reported = "test" if has_test else ("val" if has_val else None)
+        test = make(reported, eval_tf) if reported else None
+        roles = {"train": "train minus the hold-out", "val": f"{cfg.val_fraction:g} of train, stratified",
+                 "test": reported}
+
+    if len(val) == 0:
+        raise ValueError(f"{cfg.dataset}: the validation split ({roles['val']}) is empty; model selection needs "
+                         "at least one validation image (more training images, or a larger val_fraction)")
+
+    def info(ds):
+        if isinstance(ds, Subset):
+            return ds.dataset.describe(ds.indices)
+        return None if ds is None else ds.describe()
+
+    describe = {"dataset": cfg.dataset, "root": cfg.data_root, "label_space": label_space,
+                "image_size": image_size, "roles": roles, "options": {k: str(v) for k, v in options.items()},
+                "splits": {"train": info(train), "val": info(val), "test": info(test)}}
+    return DataBundle(train, val, test, describe, np.asarray(train_targets), tuple(train_full.classes))
