@@ -224,26 +224,17 @@ class Run:
 
 
     def eval_dataset(self, split: str = "test", **options):
-        """The run's dataset split with the evaluation transform (same dataset, root, options and
-        label space as in training; ``options`` add or override dataset options, e.g.
-        ``return_masks=True`` for synthetic faces). ``split="test"`` is the split the run reports
-        (``dataset.json``'s roles: FER2013Valid's ``val`` for a FER+ copy without FER2013Test)."""
-        from .data import build_dataset, build_transform
+        """The run's ``split`` with the evaluation transform, built as training built it (same
+        dataset, root, options, input size and label space; :func:`fer_lab.data.bundle.eval_dataset`):
+        ``"test"`` the reported split (``dataset.json``'s roles: FER2013Valid for a FER+ copy
+        without FER2013Test), ``"val"`` the model-selection split (the hold-out of train where the
+        dataset lacks a split), ``"train"`` every training image. ``options`` add or override
+        dataset options, e.g. ``return_masks=True`` for synthetic faces."""
+        from .config import TrainConfig
+        from .data.bundle import eval_dataset
 
-        if split == "test" and self.dataset:
-            reported = (self.dataset.get("roles") or {}).get("test")
-            split = reported if reported in ("train", "val", "test") else split
-        train = self.config["train"]
-        opts = dict(train.get("data_options") or {})
-        size = self.config["image_size"]
-        if train["dataset"] == "synthetic":
-            opts.setdefault("size", size)
-        if train.get("cache_dir"):
-            opts.setdefault("cache", train["cache_dir"])
-        opts.update(options)
-        tf = build_transform("eval", size, normalize=train.get("image_normalize", train.get("normalize")))
-        return build_dataset(train["dataset"], root=train.get("data_root"), split=split, transform=tf,
-                             label_space=self.config.get("label_space"), **opts)
+        cfg = TrainConfig.from_dict(self.config["train"])
+        return eval_dataset(cfg, self.config["image_size"], self.config.get("label_space"), split, **options)
 
 
 def load_run(path) -> Run:

@@ -395,6 +395,20 @@ def test_preset_run_records_its_config_and_differences(tmp_path, affectnet_check
     assert c["preset"]["differs"]["epochs"] == [100, 1]
     assert [s["lrs"] for s in c["stages"]] == [{"base+branch 1": 0.1, "other branches": 0.02},
                                                {"base+other branches": 0.02, "new branch": 0.1}]
+    # reopened, the run rebuilds its splits as training built them: the hold-out of FER2013Train
+    # (the copy has no FER2013Test) selects, FER2013Valid is reported, at the run's 64 px
+    from fer_lab.train import holdout_split
+    from fer_lab.utils import derive_seed
+
+    run = runs.load_run(path)
+    val, test = run.eval_dataset("val"), run.eval_dataset("test")
+    train_targets = run.eval_dataset("train").targets
+    _, held = holdout_split(train_targets, 0.1, derive_seed("holdout", "ferplus"))
+    assert list(val.indices) == list(held) and (val.targets == train_targets[held]).all()
+    assert len(test) == 2 * 8 and test[0][0].shape == (3, 64, 64) and val[0][0].shape == (3, 64, 64)
+    recorded = json.loads((path / "dataset.json").read_text())["splits"]
+    assert recorded["val"]["size"] == len(val) and recorded["val"]["fingerprint"] == val.dataset.fingerprint(val.indices)
+    assert recorded["test"]["fingerprint"] == test.fingerprint()
 
 
 def test_random_affine_is_bilinear_and_rafdb_pipeline():

@@ -40,7 +40,61 @@ def holdout_split(targets: np.ndarray, fraction: float, seed) -> tuple[np.ndarra
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> DataBundle:
+class HoldOut(Subset):
+    """The hold-out of train (a ``Subset``) that keeps the dataset's ``targets`` and ``classes``."""
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.dataset.targets)[np.asarray(self.indices)]
+
+    @property
+    def classes(self):
+        return self.dataset.classes
+
+
+def dataset_options(cfg: "TrainConfig", image_size: int) -> dict:
+    """The dataset options a run builds every split with: its ``data_options``, the input size
+    for datasets that decode at a size (synthetic faces, pre-cropped AffectNet) and the cache."""
+    options = dict(cfg.data_options)
+    size_option = dataset_entry(cfg.dataset).size_option
+    if size_option:
+        options.setdefault(size_option, image_size)
+    if cfg.cache_dir:
+        options.setdefault("cache", cfg.cache_dir)
+    return options
+
+
+def _holdout(cfg: "TrainConfig", targets) -> tuple[np.ndarray, np.ndarray]:
+    return holdout_split(targets, cfg.val_fraction, derive_seed("holdout", cfg.dataset))
+
+
+def eval_dataset(cfg: "TrainConfig", image_size: int, label_space: str | None, role: str = "test", **options):
+    """One split of a run with the evaluation transform, exactly as :func:`build_data` made it:
+    ``role`` ``"test"`` (the reported split), ``"val"`` (the model-selection split: the dataset's
+    ``val``, or the stratified hold-out of train when the dataset lacks one of ``val``/``test``)
+    or ``"train"`` (every training image). ``options`` add or override dataset options (e.g.
+    ``return_masks=True`` for synthetic faces)."""
+    if role not in ("train", "val", "test"):
+        raise ValueError(f"role={role!r}: expected 'train', 'val' (model selection) or 'test' (the reported split)")
+    opts = {**dataset_options(cfg, image_size), **options}
+    splits = dataset_splits(cfg.dataset, root=cfg.data_root, **opts)
+    tf = build_transform("eval", image_size, normalize=cfg.image_normalize)
+
+    def make(split):
+        return build_dataset(cfg.dataset, root=cfg.data_root, split=split, transform=tf, label_space=label_space, **opts)
+
+    if role == "train" or ("val" in splits and "test" in splits):
+        return make(role)
+    if role == "val":
+        full = make("train")
+        return HoldOut(full, _holdout(cfg, full.targets)[1])
+    reported = "test" if "test" in splits else ("val" if "val" in splits else None)
+    if reported is None:
+        raise ValueError(f"{cfg.dataset}: no split to report (the dataset has neither 'val' nor 'test')")
+    return make(reported)
+
+
+def build_data(cfg: "TrainConfig", image_size: int, label_space: str | None) -> DataBundle:
     """Train/val/test datasets with the configured transforms, and their description.
 
     Splits: the dataset's own ``val``/``test`` where it has them; without ``val``, a
@@ -50,32 +104,20 @@ def build_data(cfg: TrainConfig, image_size: int, label_space: str | None) -> Da
     spec_data = model_spec(cfg.model).data
     train_tf = build_transform(cfg.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
                                normalize=cfg.image_normalize, random_erasing=cfg.random_erasing)
-    eval_tf = build_transform("eval", image_size, normalize=cfg.image_normalize)
-    options = dict(cfg.data_options)
-    size_option = dataset_entry(cfg.dataset).size_option
-    if size_option:
-        options.setdefault(size_option, image_size)
-    if cfg.cache_dir:
-        options.setdefault("cache", cfg.cache_dir)
+    options = dataset_options(cfg, image_size)
     splits = dataset_splits(cfg.dataset, root=cfg.data_root, **options)
-
-    def make(split, tf):
-        return build_dataset(cfg.dataset, root=cfg.data_root, split=split, transform=tf,
-                             label_space=label_space, **options)
-
-    train_full = make("train", train_tf)
-    has_val, has_test = "val" in splits, "test" in splits
+    train_full = build_dataset(cfg.dataset, root=cfg.data_root, split="train", transform=train_tf,
+                               label_space=label_space, **options)
     train, train_targets = train_full, train_full.targets
-    if has_val and has_test:
-        val, test = make("val", eval_tf), make("test", eval_tf)
+    val = eval_dataset(cfg, image_size, label_space, "val")
+    test = eval_dataset(cfg, image_size, label_space, "test") if {"val", "test"} & set(splits) else None
+    if "val" in splits and "test" in splits:
         roles = {"train": "train", "val": "val", "test": "test"}
     else:
         # select on a stratified hold-out of train; report the dataset's own evaluation split
-        keep, held = holdout_split(train_full.targets, cfg.val_fraction, derive_seed("holdout", cfg.dataset))
+        keep, _ = _holdout(cfg, train_full.targets)
         train, train_targets = Subset(train_full, keep), train_full.targets[keep]
-        val = Subset(make("train", eval_tf), held)
-        reported = "test" if has_test else ("val" if has_val else None)
-        test = make(reported, eval_tf) if reported else None
+        reported = "test" if "test" in splits else ("val" if "val" in splits else None)
         roles = {"train": "train minus the hold-out", "val": f"{cfg.val_fraction:g} of train, stratified",
                  "test": reported}
 
