@@ -99,6 +99,28 @@ def batches(loader):
         yield batch
 
 
+class Registry(dict):
+    """Named entries of one kind (models, datasets): ``add`` refuses a second entry of a name,
+    ``get`` names the known ones when asked for an unknown one."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, name: str, entry) -> None:
+        if name in self:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self[name] = entry
+
+    def get(self, name: str):
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+        return self[name]
+
+    def names(self) -> list[str]:
+        return sorted(self)
+
+
 def offdiag(M) -> np.ndarray:
     """The off-diagonal entries of a square matrix, flattened."""
     M = np.asarray(M)

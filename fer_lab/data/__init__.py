@@ -31,6 +31,7 @@ from .errors import DatasetError
 from .labels import AFFECTNET7, AFFECTNET8, LABEL_SPACES, label_map
 from .sampling import balanced_subset
 from .transforms import build_transform
+from ..utils import Registry
 
 __all__ = ["FaceDataset", "stack_items", "DatasetError", "AFFECTNET7", "AFFECTNET8", "LABEL_SPACES", "label_map",
            "balanced_subset", "build_transform", "build_dataset", "register_dataset", "list_datasets",
@@ -53,7 +54,7 @@ class DatasetEntry:
     size_option: str | None = None
 
 
-_DATASETS: dict[str, DatasetEntry] = {}
+_DATASETS = Registry("dataset")
 
 
 def register_dataset(name: str, builder: Callable[..., FaceDataset], splits: tuple[str, ...],
@@ -61,18 +62,16 @@ def register_dataset(name: str, builder: Callable[..., FaceDataset], splits: tup
                      size_option: str | None = None) -> None:
     """Register ``builder(root=..., split=..., transform=..., label_space=..., **options)`` (see
     :class:`DatasetEntry`)."""
-    _DATASETS[name] = DatasetEntry(builder, tuple(splits), needs_root, available, size_option)
+    _DATASETS.add(name, DatasetEntry(builder, tuple(splits), needs_root, available, size_option))
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 def dataset_entry(name: str) -> DatasetEntry:
     """The registry entry of ``name`` (clear error listing the known names)."""
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    return _DATASETS[name]
+    return _DATASETS.get(name)
 
 
 def dataset_splits(name: str, root=None, **options) -> tuple[str, ...]:

@@ -21,6 +21,13 @@ ON_ERROR = ("raise", "skip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def check_choice(name: str, value, choices, context: str = "") -> None:
+    """``ValueError`` ``"<name>=<value>: expected one of <choices>"`` (``context`` appended) unless
+    ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {tuple(choices)}{context}")
+
+
 class DatasetError(ValueError):
     """Bad or missing dataset input; the message names the file (and line) or the
     expected layout. ``item``/``where`` carry the item id and ``file:line`` when the

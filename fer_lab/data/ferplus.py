@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IMAGE_SUFFIXES, DatasetError
+from .errors import IMAGE_SUFFIXES, DatasetError, check_choice
 from .fer2013 import FER2013_USAGE, FER_SIDE, _csv_rows, parse_pixels, read_csv_header
 from .real import FERPLUS_LABEL_MODES, Candidate, RealFaceDataset
 
@@ -169,12 +169,9 @@ class FERPlus(RealFaceDataset):
 
     def __init__(self, root, split: str = "train", transform=None, label_space=None, *,
                  label_mode: str = "majority", layout: str = "auto", **options):
-        if label_mode not in FERPLUS_LABEL_MODES:
-            raise ValueError(f"label_mode={label_mode!r}: expected one of {FERPLUS_LABEL_MODES}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-        if split not in FERPLUS_FOLDERS:
-            raise ValueError(f"ferplus: unknown split {split!r}; expected one of {tuple(FERPLUS_FOLDERS)}")
+        check_choice("label_mode", label_mode, FERPLUS_LABEL_MODES)
+        check_choice("layout", layout, LAYOUTS)
+        check_choice("ferplus: split", split, FERPLUS_FOLDERS)
         super().__init__(root, split, transform, label_space, **options)
         self.label_mode = label_mode
         self.layout = detect_layout(self.root) if layout == "auto" else layout

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import IMAGE_SUFFIXES, DatasetError
+from .errors import IMAGE_SUFFIXES, DatasetError, check_choice
 from .real import Candidate, RealFaceDataset
 
 #: fer_lab split name -> folder names accepted for it (first match wins).
@@ -71,12 +71,9 @@ class ImageFolder(RealFaceDataset):
     def __init__(self, root, split: str = "train", transform=None, label_space=None, *,
                  classes: list[str] | tuple[str, ...] | None = None, layout: str = "auto", color: str = "RGB",
                  **options):
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-        if color not in COLORS:
-            raise ValueError(f"color={color!r}: expected one of {COLORS}")
-        if split not in SPLIT_DIRS:
-            raise ValueError(f"folder: unknown split {split!r}; expected one of {tuple(SPLIT_DIRS)}")
+        check_choice("layout", layout, LAYOUTS)
+        check_choice("color", color, COLORS)
+        check_choice("folder: split", split, SPLIT_DIRS)
         self.color = color
         self.native_classes = tuple(classes) if classes is not None else ()
         super().__init__(root, split, transform, label_space, **options)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..diversity import DiversityConfig
+from ..utils import Registry
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -27,7 +28,7 @@ class ModelSpec:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+_REGISTRY = Registry("model")
 
 # flat override keys that configure the diversity term
 _DIVERSITY_KEYS = {"gamma": "gamma", "diagonal": "diagonal", "reduction": "reduction",
@@ -37,21 +38,17 @@ _DIVERSITY_KEYS = {"gamma": "gamma", "diagonal": "diagonal", "reduction": "reduc
 
 def register_model(name: str, cls, description: str, data: dict | None = None, **defaults) -> None:
     """Register a named variant (``defaults`` are the class's keyword arguments)."""
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelSpec(name, cls, defaults, description, dict(data or {}))
+    _REGISTRY.add(name, ModelSpec(name, cls, defaults, description, dict(data or {})))
 
 
 def list_models() -> list[str]:
     """Names of every registered variant."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``name`` (clear error listing the known names)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def resolve_config(name: str, **overrides) -> dict[str, Any]:
