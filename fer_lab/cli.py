@@ -28,6 +28,7 @@ DEMO = dict(
     optimizer="adam", lr=1e-3, lr_new=1e-3, lr_old=3e-4, lr_step=6, lr_gamma=0.5,
     epochs=7, epochs_later=3, batch_size=32, subset_per_class=200, seed=0,
     run_name="esr4_div-synthetic-demo", output_dir="outputs/demo",
+    train_options={"keep_freed_memory": True},     # the library leaves malloc alone; the demo opts in
 )
 
 
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep NCHW memory format (channels-last is faster and numerically equivalent)")
     g.add_argument("--release-freed-memory", action="store_true",
                    help="leave glibc's allocator at its defaults (by default a CPU run keeps freed memory "
-                        "for reuse: 5-18%% faster steps, more resident memory)")
+                        "for reuse: faster steps, more resident memory; bench/RESULTS.md)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
                    help="autocast the training forward pass (the diversity term stays float32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")

@@ -54,10 +54,10 @@ class TrainConfig:
     (``torch.compile`` the training forward pass with ``compile_backend``; recompiled when a
     branch is added),
     ``keep_freed_memory`` (on a CPU, glibc keeps freed memory for reuse instead of unmapping
-    each large activation: 5-18 % faster steps, more resident memory, see
-    :func:`fer_lab.utils.keep_freed_memory`; on by default), ``progress`` (tqdm bars),
-    ``figures``. ``bench/RESULTS.md`` says which of these pay off on which hardware; only
-    ``channels_last`` and ``keep_freed_memory`` are on by default.
+    each large activation: faster steps, more resident memory, process-wide and not undone,
+    see :func:`fer_lab.utils.keep_freed_memory`; off in the library, on from the command line
+    and the demo), ``progress`` (tqdm bars), ``figures``. ``bench/RESULTS.md`` says which of
+    these pay off on which hardware; only ``channels_last`` is on by default.
 
     Initialisation: ``init_weights`` (a file or directory the user supplies: the official ESR
     checkpoint set, an MS-Celeb-1M MA-Net checkpoint, a torchvision ResNet-18 state dict or a
@@ -116,7 +116,7 @@ class TrainConfig:
     amp: str = "none"
     compile: bool = False
     compile_backend: str = "inductor"
-    keep_freed_memory: bool = True
+    keep_freed_memory: bool = False
     progress: bool = True
     figures: bool = True
 

@@ -62,7 +62,8 @@ def flush_denormal():
     """Context manager: CPU denormal floats flushed to zero inside, the previous setting after.
 
     A saturated diversity term (S = I) back-propagates through ``exp`` of huge negative
-    numbers; its denormal intermediates made one backward pass 20x slower on CPU.
+    numbers; its denormal intermediates make the backward pass many times slower on a CPU
+    (``bench/RESULTS.md``).
     """
     before = flushing_denormals()
     torch.set_flush_denormal(True)
@@ -145,14 +146,14 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process for reuse (Linux only).
 
     By default glibc gives every block above 32 MiB its own ``mmap`` and unmaps it when it
-    is freed, so each large activation of a training step (a 32 x 128 x 90 x 90 float map is
-    132 MB) arrives as fresh pages that fault in one by one: two thirds of the cost of a
-    cheap elementwise product that writes it (33 ms, against 10 ms into reused memory). Here ``mmap`` is not used for blocks and the heap is not
-    trimmed, so the next step reuses pages already mapped. Measured on ESR-9 / ESR*-9
-    training steps (``bench/train_step.py``, variant ``glibc``): 5-18 % faster, 6-16 %
-    higher peak resident memory, which stays with the process until it exits. Numbers are
-    unchanged. Process-wide and not undone; returns whether it was applied (``False`` on
-    other platforms or C libraries).
+    is freed, so each large activation of a training step arrives as fresh pages that fault
+    in one by one. Here ``mmap`` is not used for blocks and the heap is not trimmed, so the
+    next step reuses pages already mapped: faster steps, higher peak resident memory that
+    stays with the process until it exits (``bench/train_step.py``, variant ``glibc``; the
+    numbers are in ``bench/RESULTS.md``). Results are unchanged. Process-wide and not undone,
+    so the library never calls it on its own: ``TrainConfig.keep_freed_memory`` (on from the
+    command line and the demo). Returns whether it was applied (``False`` on other platforms
+    or C libraries).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -229,6 +229,9 @@ def test_cli_release_freed_memory_flag():
     for argv, expected in ((["train"], True), (["train", "--release-freed-memory"], False)):
         assert config_from_args(build_parser().parse_args(argv), argv).keep_freed_memory is expected
     assert "keep_freed_memory" in _VOLATILE
+    assert TrainConfig().keep_freed_memory is False          # the library leaves process-wide state alone
+    from fer_lab.cli import DEMO
+    assert DEMO["train_options"]["keep_freed_memory"] is True
 
 
 def test_atomic_writes_are_readable_by_others(tmp_path):

@@ -9,11 +9,11 @@ maps, and the matching backward products) is written out by hand, and only the s
 gate networks are left to autograd. It computes what autograd computes from the plain
 formulas (:meth:`CBAM.reference_forward`; tested with ``gradcheck`` and to 1e-6) in
 about 8 passes over the map forward and 9 backward, with one gradient for the input
-instead of three summed partial ones. With the spatial gate's conv on a channels-last
-stack it took ESR*-9's (40 CBAMs) CPU training step from 1.40x plain ESR-9's to 1.12-1.21x
-(``bench/train_step.py``). Under ``torch.compile`` CBAM runs the plain formulas: dynamo
-breaks the graph at the node's inner autograd; on a CPU the compiled formulas are slower
-than the eager node (``bench/RESULTS.md``). Double backward (``create_graph=True``)
+instead of three summed partial ones; with the spatial gate's conv on a channels-last
+stack it brings ESR*-9's CPU training step close to plain ESR-9's (``bench/train_step.py``,
+numbers in ``bench/RESULTS.md``). Under ``torch.compile`` CBAM runs the plain formulas:
+dynamo breaks the graph at the node's inner autograd; on a CPU the compiled formulas are
+slower than the eager node (``bench/RESULTS.md``). Double backward (``create_graph=True``)
 through the node is not supported.
 """
 from __future__ import annotations

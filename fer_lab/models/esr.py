@@ -271,7 +271,6 @@ class ESR(FERModel):
     """
 
     family = "esr"
-    _branch_execution = "loop"      # class default: also for ESR objects pickled before the option existed
     #: Constructor values of options that did not exist yet when an older run's config was
     #: written (``build_model_from_config`` fills them in, so old checkpoints rebuild as trained).
     legacy_config = {"cbam_position": "before_pool", "decision": "mean", "conv_padding": "paper"}
