@@ -16,7 +16,7 @@ from pathlib import Path
 from .data.transforms import PRESETS as TRANSFORM_PRESETS
 from .diversity import TERMS
 from .presets import PRESETS, format_presets, preset_fields, preset_help
-from .train import PROTOCOLS, TrainConfig, train
+from .train import MODEL_OPTIONS, PROTOCOLS, TrainConfig, train
 
 #: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, grown one branch per
 #: stage, sized to finish within 10 minutes on 2 CPU cores (README states the measured time).
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diagonal", choices=("paper", "reference"),
                    help="'paper': unit diagonal; 'reference': the public code's zero diagonal")
     g.add_argument("--reduction", choices=("det", "logdet"), help="det (paper) or jittered logdet")
-    g.add_argument("--normalize", dest="diversity_normalize", choices=("none", "l2"),
+    g.add_argument("--normalize", choices=("none", "l2"),
                    help="L2-normalise pooled features before the similarity")
     g.add_argument("--diversity-weight", type=float, help="weight of each term in the loss (paper: 1)")
     g = t.add_argument_group("protocol")
@@ -279,13 +279,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
             raise SystemExit(f"--config {args.config}: expected a mapping of TrainConfig fields")
     model_options = {**preset.pop("model_options", {}), **(base.pop("model_options", {}) or {})}
     model_options.update(dict(args.model_option))
-    for key, opt in (("num_branches", "branches"), ("width", "width"), ("gamma", "gamma"),
-                     ("diagonal", "diagonal"), ("reduction", "reduction"), ("diversity_terms", "diversity_terms"),
-                     ("diversity_normalize", "diversity_normalize"), ("diversity_weight", "diversity_weight"),
-                     ("cbam_position", "cbam_position"), ("decision", "decision"),
-                     ("diversity_scope", "diversity_scope")):
-        if getattr(args, opt) is not None:
-            model_options[key] = getattr(args, opt)
+    # the model options the command line names, by their flat names (the table notebooks and sweeps use)
+    for flat, key in MODEL_OPTIONS.items():
+        if getattr(args, flat, None) is not None:
+            model_options[key] = getattr(args, flat)
     data_options = {**preset.pop("data_options", {}), **(base.pop("data_options", {}) or {})}
     data_options.update(dict(args.data_option))
     fields = dict(

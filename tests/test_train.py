@@ -306,3 +306,22 @@ def test_flush_denormal_restores_the_previous_setting(outside):
         assert flushing_denormals() is outside and (float(tiny * 1.0) == 0.0) is outside
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_cli_model_options_use_the_flat_name_table():
+    """The command line's model options land under the constructor keys of the one alias table
+    (fer_lab.config.MODEL_OPTIONS) that notebooks and sweeps use too."""
+    from fer_lab.cli import build_parser, config_from_args
+    from fer_lab.config import MODEL_OPTIONS
+    from fer_lab.train import config_from_flat
+
+    argv = ["train", "--normalize", "l2", "--gamma", "median", "--branches", "2", "--cbam-position", "before_pool",
+            "--width", "0.5", "--diversity-weight", "0.5"]
+    cfg = config_from_args(build_parser().parse_args(argv), argv)
+    expected = {"diversity_normalize": "l2", "gamma": "median", "num_branches": 2, "cbam_position": "before_pool",
+                "width": 0.5, "diversity_weight": 0.5}
+    assert cfg.model_options == expected
+    flat = dict(normalize="l2", gamma="median", branches=2, cbam_position="before_pool", width=0.5,
+                diversity_weight=0.5)
+    assert config_from_flat(**flat).model_options == expected
+    assert all(MODEL_OPTIONS[k] in expected for k in flat)
