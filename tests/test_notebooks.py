@@ -233,3 +233,22 @@ def test_sweep_errors(tmp_path):
     bad.write_text("name: x\nnotebook: 02_train_esr.ipynb\nvariants: {a: {model: esr9}}\ngrid: {variant: [a, b]}\n")
     with pytest.raises(ValueError, match="not in 'variants'"):
         load_sweep(bad)
+
+
+def test_third_model_through_the_notebooks(tmp_path):
+    """TinyPair (one model file) through its sweep, notebook 02 and the attention explorer: the
+    notebooks and the batch runner work for any model that keeps the contract."""
+    doc = yaml.safe_load((NOTEBOOKS_DIR / "sweeps" / "tiny_pair_synthetic.yaml").read_text())
+    doc.update(notebook=str(NOTEBOOKS_DIR / "02_train_esr.ipynb"), output_dir=str(tmp_path))
+    doc["fixed"].update(image_size=32, epochs=1, batch_size=16, data_options={"num_samples": 32},
+                        n_attention_images=2, progress=False)
+    sweep = tmp_path / "tiny_pair.yaml"
+    sweep.write_text(yaml.safe_dump(doc))
+    summary = pd.read_csv(run_batch(sweep, runs=["tiny_pair_div-s0"])).set_index("run")
+    assert summary.loc["tiny_pair_div-s0", "status"] == "done", summary.loc["tiny_pair_div-s0", "error"]
+    assert summary.loc["tiny_pair_div-s0", "head"] == "ensemble" and "test_D_sp" in summary
+    assert (summary.loc[["tiny_pair-s0", "tiny_pair-s1", "tiny_pair_div-s1"], "status"] == "pending").all()
+    run = tmp_path / doc["name"] / "tiny_pair_div-s0"
+    run_nb("04_attention_explorer", tmp_path, run_dir=str(run), n_images=2, n_region_images=8,
+           output_dir=str(tmp_path / "explorer"))
+    assert {p.stem for p in (tmp_path / "explorer").glob("*.png")} == {"grad_cam"}   # no attention: Grad-CAM only
