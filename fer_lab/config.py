@@ -198,7 +198,7 @@ MODEL_OPTIONS = {"branches": "num_branches", "width": "width", "attention": "att
                  "diagonal": "diagonal", "reduction": "reduction", "diversity_terms": "diversity_terms",
                  "normalize": "diversity_normalize", "diversity_weight": "diversity_weight",
                  "diversity_source": "diversity_source", "num_classes": "num_classes",
-                 "chain_order": "chain_order", "cbam_position": "cbam_position", "cbam_reduction": "cbam_reduction",
+                 "chain_order": "chain_order", "cbam_position": "cbam_position", "cbam_reduction": "cbam_reduction", "cbam_init": "cbam_init",
                  "decision": "decision",
                  "diversity_scope": "diversity_scope", "channel_term_input": "channel_term_input",
                  "branch_bn_train_at_test": "branch_bn_train_at_test"}

@@ -181,6 +181,9 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     device = pick_device(cfg.device)
     if cfg.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
+    if cfg.amp == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("amp='bf16' on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast emulates it and "
+                    "training is slower than float32; pass --amp none (amp='none')")
     set_seed(derive_seed(cfg.seed, "init"))
 
     data = build_data(cfg, image_size, label_space)

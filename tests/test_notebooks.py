@@ -224,6 +224,7 @@ def test_sweep_errors(tmp_path):
     p = points["esr4_div_median-s1"]
     assert (p["model"], p["gamma"], p["seed"], p["branches"], p["image_size"], p["preset"]) == \
         ("esr9_div", "median", 1, 4, 48, "ferplus_cpu")
+    assert p["model_options"] == {"cbam_reduction": 4, "cbam_init": "uniform"} and p["train_options"]["amp"] == "bf16"
     assert points["esr4_div_zero-s2"]["diagonal"] == "reference" and points["esr4-s0"]["gamma"] is None
     assert select_runs(list(points), ["esr4_div*-s1", "esr4-s0"]) == {"esr4-s0", "esr4_div-s1", "esr4_div_median-s1",
                                                                      "esr4_div_zero-s1"}

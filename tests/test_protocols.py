@@ -107,6 +107,36 @@ def test_cbam_reduction_sets_every_hidden_layer():
         build_model("esr9_div", num_branches=2, cbam_reduction=0)
 
 
+def test_cbam_uniform_init_starts_every_gate_at_one_half_and_learns():
+    """cbam_init='uniform': every CBAM (base, branches, branches added later) gives sigmoid(0) = 0.5
+    for any input, the zeroed parameters still get gradients, and one step makes the maps vary."""
+    torch.manual_seed(0)
+    m = build_model("esr9_div", num_branches=2, width=0.25, input_size=48, cbam_init="uniform", cbam_reduction=4)
+    m.add_branch()
+    x = torch.rand(6, 3, 48, 48) * torch.linspace(0.2, 1.0, 6)[:, None, None, None]
+    out = m(x, return_all_attention=True)
+    maps = [t for att in out.layer_attention.values() for t in att]
+    assert len(maps) == 2 * (4 + 3 * 4)                     # (channel, spatial) of every CBAM
+    assert maps and all(torch.equal(t, torch.full_like(t, 0.5)) for t in maps)
+    # the random initialisation does not start uniform
+    ref = build_model("esr9_div", num_branches=2, width=0.25, input_size=48)
+    assert float(ref(x).spatial_attention.std()) > 0.01
+    loss = m.loss(out, torch.arange(6) % 8).total
+    loss.backward()
+    cbams = [mod for mod in m.modules() if isinstance(mod, CBAM)]
+    assert len(cbams) == 4 + 3 * 4
+    assert all(float(c.channel_gate.mlp[-1].weight.grad.abs().sum()) > 0 for c in cbams)
+    assert all(float(c.spatial_gate.bn.weight.grad.abs().sum()) > 0 for c in cbams)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    opt.step()
+    with torch.no_grad():
+        assert float(m.eval()(x).spatial_attention.std()) > 1e-4
+    assert build_model_from_config(m.config).cbam_init == "uniform"
+    assert build_model_from_config({k: v for k, v in m.config.items() if k != "cbam_init"}).cbam_init == "random"
+    with pytest.raises(ValueError, match="cbam_init='zero'"):
+        build_model("esr9_div", num_branches=2, cbam_init="zero")
+
+
 def test_old_configs_rebuild_as_they_were_trained():
     m = build_model("esr9_div", num_branches=2, width=0.25)
     old = {k: v for k, v in m.config.items() if k not in ("cbam_position", "decision", "active_branches",

@@ -189,6 +189,20 @@ class CBAM(nn.Module):
         self.channel_gate = ChannelGate(channels, reduction)
         self.spatial_gate = SpatialGate(kernel_size)
 
+    def uniform_init(self) -> "CBAM":
+        """Start with uniform gates: zero the channel MLP's output layer and the spatial gate's
+        BatchNorm scale, so both maps are 0.5 everywhere for every input and CBAM begins as a
+        constant scaling (the zero-init of residual branches, Goyal et al. 2017). Gradients
+        still reach those parameters, so the gates learn from the first step; the random
+        initialisation instead starts every block with a random spatial modulation
+        (``sigmoid(N(0, 1))``, 0.27-0.73 for most positions). Returns ``self``."""
+        with torch.no_grad():
+            last = self.channel_gate.mlp[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+            self.spatial_gate.bn.weight.zero_()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
             return self.reference_forward(x)    # dynamo would break the graph at the node's inner autograd

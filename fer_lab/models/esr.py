@@ -35,6 +35,7 @@ from .registry import register_model
 BRANCH_EXECUTIONS = ("loop", "fused")
 #: Where CBAM sits in a pooling conv block (see :class:`ConvBlock`).
 CBAM_POSITIONS = ("after_pool", "before_pool")
+CBAM_INITS = ("random", "uniform")
 #: The ensemble's decision (:attr:`ESR.main_head`): the plurality ``vote`` of the branches
 #: (SPEC section 3, the official ``evaluate()``) or the ``mean`` of their softmax.
 DECISIONS = {"vote": "vote", "mean": "ensemble"}
@@ -226,7 +227,11 @@ class ESR(FERModel):
             resolution, fer_lab before 2026-12); see :class:`ConvBlock`. Same parameters.
         cbam_reduction: the CBAM channel MLP's reduction ratio ``r`` (hidden size ``max(1, C // r)``;
             16 as in the paper and CBAM). At width 0.25 the base's 16-channel CBAMs have a
-            1-unit hidden layer; a smaller ``r`` widens it (a diagnostic, not the paper).
+            1-unit hidden layer; a smaller ``r`` widens it (4 keeps the paper's full-width hidden
+            sizes at width 0.25).
+        cbam_init: ``"random"`` (PyTorch's initialisation of the gate layers, the paper's code)
+            or ``"uniform"`` (:meth:`CBAM.uniform_init`: every gate starts at 0.5 everywhere and
+            learns from there; applied to branches added later too).
         diversity: which diversity terms the loss adds (:class:`~fer_lab.diversity.DiversityConfig`).
         diversity_source: ``"attention"`` compares the last CBAM's spatial/channel attention
             (the paper, needs ``attention=True``); ``"features"`` compares the channel- and
@@ -281,7 +286,8 @@ class ESR(FERModel):
                  branch_execution: str = "loop", cbam_position: str = "after_pool",
                  channel_term_input: str = "channel", decision: str = "vote",
                  active_branches: int | None = None, diversity_scope: str = "all",
-                 branch_bn_train_at_test: bool = False, conv_padding: str = "auto", cbam_reduction: int = 16):
+                 branch_bn_train_at_test: bool = False, conv_padding: str = "auto", cbam_reduction: int = 16,
+                 cbam_init: str = "random"):
         super().__init__()
         if int(num_branches) < 1:
             raise ValueError(f"num_branches={num_branches!r}: expected an int >= 1")
@@ -303,6 +309,8 @@ class ESR(FERModel):
             raise ValueError(f"cbam_position={cbam_position!r}: expected one of {CBAM_POSITIONS}")
         if isinstance(cbam_reduction, bool) or not isinstance(cbam_reduction, int) or cbam_reduction < 1:
             raise ValueError(f"cbam_reduction={cbam_reduction!r}: expected an int >= 1 (the paper's CBAM uses 16)")
+        if cbam_init not in CBAM_INITS:
+            raise ValueError(f"cbam_init={cbam_init!r}: expected one of {CBAM_INITS}")
         if channel_term_input not in ("channel", "spatial"):
             raise ValueError(f"channel_term_input={channel_term_input!r}: expected 'channel' (the paper) or "
                              "'spatial' (the authors' FER+/RAF-DB scripts)")
@@ -326,6 +334,7 @@ class ESR(FERModel):
         self.attention = bool(attention)
         self.cbam_position = cbam_position
         self.cbam_reduction = cbam_reduction
+        self.cbam_init = cbam_init
         self.diversity_source = diversity_source
         self.channel_term_input = channel_term_input
         self.decision = decision
@@ -336,14 +345,22 @@ class ESR(FERModel):
         self.in_channels = int(in_channels)
         self.branch_execution = branch_execution
         self.conv_padding = conv_padding
-        self.base = Base(in_channels, self.width, self.attention, cbam_position, conv_padding, cbam_reduction)
+        self.base = self._init_cbams(Base(in_channels, self.width, self.attention, cbam_position, conv_padding,
+                                          cbam_reduction))
         self.branches = nn.ModuleList(self._new_branch() for _ in range(int(num_branches)))
         self.active_branches = active_branches
 
     # ---- structure ----------------------------------------------------------------------
     def _new_branch(self) -> Branch:
-        return Branch(self.num_classes, self.width, self.attention, self.cbam_position, self.conv_padding,
-                      self.cbam_reduction)
+        return self._init_cbams(Branch(self.num_classes, self.width, self.attention, self.cbam_position,
+                                       self.conv_padding, self.cbam_reduction))
+
+    def _init_cbams(self, module: nn.Module) -> nn.Module:
+        if self.cbam_init == "uniform":
+            for m in module.modules():
+                if isinstance(m, CBAM):
+                    m.uniform_init()
+        return module
 
     @property
     def num_branches(self) -> int:
@@ -417,6 +434,7 @@ class ESR(FERModel):
             "diversity": self.diversity.to_dict(), "diversity_source": self.diversity_source,
             "width": self.width, "input_size": self.input_size, "in_channels": self.in_channels,
             "branch_execution": self.branch_execution, "cbam_position": self.cbam_position, "cbam_reduction": self.cbam_reduction,
+            "cbam_init": self.cbam_init,
             "channel_term_input": self.channel_term_input, "decision": self.decision,
             "active_branches": self.active_branches, "diversity_scope": self.diversity_scope,
             "branch_bn_train_at_test": self.branch_bn_train_at_test, "conv_padding": self.conv_padding,
