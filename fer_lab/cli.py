@@ -336,12 +336,23 @@ def run_demo(output_dir: str, progress: bool = True) -> Path:
     return run
 
 
+#: parameters that name files or directories: a relative one given on the command line means
+#: relative to the shell's directory, not to the notebook's (where papermill runs it)
+PATH_PARAMETERS = ("data_root", "init_weights", "cache_dir", "run_dir")
+
+
+def absolute_paths(params: dict) -> dict:
+    """``params`` with relative :data:`PATH_PARAMETERS` made absolute against the current directory."""
+    return {k: str(Path(v).resolve()) if k in PATH_PARAMETERS and isinstance(v, str) and v
+            and not Path(v).is_absolute() else v for k, v in params.items()}
+
+
 def run_batch_command(args) -> int:
     """``python -m fer_lab batch``: run a sweep and print where its summary is."""
     from .batch import load_sweep, run_batch
 
     sweep = load_sweep(args.sweep)
-    sweep.fixed.update(dict(args.set))
+    sweep.fixed.update(absolute_paths(dict(args.set)))
     summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry, runs=args.runs)
     import pandas as pd
 

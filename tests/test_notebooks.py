@@ -253,3 +253,15 @@ def test_third_model_through_the_notebooks(tmp_path):
     run_nb("04_attention_explorer", tmp_path, run_dir=str(run), n_images=2, n_region_images=8,
            output_dir=str(tmp_path / "explorer"))
     assert {p.stem for p in (tmp_path / "explorer").glob("*.png")} == {"grad_cam"}   # no attention: Grad-CAM only
+
+
+def test_batch_set_paths_are_relative_to_the_shell(tmp_path, monkeypatch):
+    """`batch --set data_root=rel/dir`: papermill runs notebooks in notebooks/, so a relative path
+    from the command line is made absolute against the directory the command runs in."""
+    from fer_lab.cli import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    got = absolute_paths({"data_root": "data/ferplus", "init_weights": "/abs/w.pt", "seed": 1, "gamma": "median",
+                          "cache_dir": None})
+    assert got == {"data_root": str(tmp_path / "data" / "ferplus"), "init_weights": "/abs/w.pt", "seed": 1,
+                   "gamma": "median", "cache_dir": None}
