@@ -15,7 +15,8 @@ LR_STEP_AT = ("end", "start")
 OPTIMIZERS = ("sgd", "adam")
 AMP_MODES = ("none", "bf16", "fp16")
 # config keys that may differ between an interrupted run and its resumption
-_VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size", "keep_freed_memory"}
+_VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size", "keep_freed_memory", "output_dir",
+             "cache_dir"}
 
 
 @dataclass

@@ -162,7 +162,7 @@ def _preset_record(cfg: TrainConfig) -> dict | None:
     ref = TrainConfig.from_dict(preset_fields(cfg.preset, {})).to_dict()
     mine = cfg.to_dict()
     return {"name": cfg.preset, "differs": {k: [ref[k], v] for k, v in mine.items()
-                                            if k not in _VOLATILE | {"name", "output_dir", "cache_dir", "seed", "data_root", "init_weights", "preset"}
+                                            if k not in _VOLATILE | {"name", "seed", "data_root", "init_weights", "preset"}
                                             and ref[k] != v}}
 
 

@@ -6,6 +6,8 @@ import textwrap
 
 import numpy as np
 import pandas as pd
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,6 +120,12 @@ def test_resume_checks_config(tiny_cfg):
         train(tiny_cfg(lr=0.2), resume=True)
     with pytest.raises(FileNotFoundError, match="no run"):
         train(tiny_cfg(name="nothing-here"), resume=True)
+    # where a run lives is not what it trains: a moved run (or batch) resumes from its new place
+    old = Path(tiny_cfg().output_dir)
+    moved = old.parent / "moved"
+    old.rename(moved)
+    done = train(tiny_cfg(output_dir=str(moved), cache_dir=str(moved.parent / "cache2")), resume=True)
+    assert done == moved / "tiny" and (done / "metrics.json").is_file()
 
 
 def test_single_protocol_and_no_diversity(tiny_cfg):
