@@ -46,9 +46,12 @@ VARIANT_OPTIONS = {"gamma", "diagonal", "normalize"}
 
 def protocol_fingerprint(train_cfg: dict) -> str:
     """sha256 (12 hex) of what the protocol fixes: the ``ferplus_cpu`` preset's fields as the run
-    had them, without what a variant changes (model, gamma, diagonal)."""
+    had them (``config.json``'s ``train``, flat or tree), without what a variant changes (model,
+    gamma, diagonal)."""
+    from fer_lab.config import TrainConfig
     from fer_lab.presets import preset_fields
 
+    train_cfg = TrainConfig.from_dict(train_cfg).flat()
     keys = sorted(set(preset_fields("ferplus_cpu")) - VARIANT_KEYS - {"preset"})
     fixed = {k: train_cfg.get(k) for k in keys}
     fixed["model_options"] = {k: v for k, v in sorted((train_cfg.get("model_options") or {}).items())

@@ -8,15 +8,16 @@ Commands: ``train`` (any model on any dataset, every option documented in ``--he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from .data.transforms import PRESETS as TRANSFORM_PRESETS
 from .diversity import TERMS
 from .presets import PRESETS, format_presets, preset_fields, preset_help
-from .train import MODEL_OPTIONS, PROTOCOLS, TrainConfig, train
+from .config import MODEL_OPTIONS, PARTS, TrainConfig, cli_options, flat_defaults
+from .train import train
 
 #: The demo: a 4-branch ESR* at quarter width on 96 px synthetic faces, grown one branch per
 #: stage, sized to finish within 10 minutes on 2 CPU cores (README states the measured time).
@@ -43,16 +44,19 @@ def _kv(text: str):
     return key.strip(), value
 
 
-def _subset(text: str):
-    if text.lower() in ("all", "none"):
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}")
-    return n
+def _argument_type(parse):
+    """``parse`` for argparse: its ValueError becomes argparse's message (the option and the text)."""
+    if parse in (int, float, str):
+        return parse
+
+    def wrapped(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    wrapped.__name__ = getattr(parse, "__name__", "value").strip("_")
+    return wrapped
 
 
 def _gamma(text: str):
@@ -85,37 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a registered model on a dataset with the paper's protocol. "
                                    "Writes <output-dir>/<name>/ (config, env, dataset fingerprint, history, "
                                    "similarity matrices, metrics, checkpoints, figures).")
-    d = TrainConfig()
     g = t.add_argument_group("what to train")
-    g.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields; command-line options "
-                                                "override it")
+    g.add_argument("--config", type=Path, help="YAML/JSON file of config fields (flat names, or the tree of "
+                                                "config.json); command-line options override it")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="a published protocol: model, dataset, protocol and optimiser settings of the script it "
                         "names (" + preset_help() + "); the config file and explicit options override it")
-    g.add_argument("--init-weights", metavar="PATH",
-                   help="initialise the fresh model from this file or directory: the official ESR set "
-                        "(directory with Net-Base-Shared_Representations.pt, Net-Branch_1..L.pt), MA-Net's "
-                        "MS-Celeb-1M checkpoint, a torchvision ResNet-18 state dict (MA-Net's stem) or a fer_lab "
-                        "checkpoint (best.pt); nothing is downloaded")
-    g.add_argument("--init-partial", action="store_true",
-                   help="with --init-weights: load the tensors that match and keep the rest as initialised "
-                        "(otherwise any missing, unexpected or reshaped key is an error that lists them)")
-    g.add_argument("--init-new-heads", action="store_true",
-                   help="with --init-weights: keep the model's own classifier heads (e.g. 7 RAF-DB classes from "
-                        "an 8-class AffectNet model)")
-    g.add_argument("--init-channel-order", choices=("rgb", "bgr"), default=d.init_channel_order,
-                   help="official ESR weights: convert the first conv from the official BGR input to RGB "
-                        "(rgb, fer_lab's input everywhere) or keep BGR (then feed BGR images)")
-    g.add_argument("--model", default=d.model, help="registered model name (see `python -m fer_lab models`)")
-    g.add_argument("--dataset", default=d.dataset, help="dataset name (synthetic needs no files)")
-    g.add_argument("--data-root", default=d.data_root, help="directory holding the dataset's files")
+    g.add_argument("--model", default=TrainConfig().model,
+                   help="registered model name (see `python -m fer_lab models`)")
+    g.add_argument("--name", help="run name (default: <model>-<dataset>-s<seed>)")
     g.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset option, e.g. num_samples=2000 (repeatable; VALUE parsed as JSON)")
-    g.add_argument("--label-space", default=d.label_space,
-                   help="'auto' (the model's), 'none' (dataset order), 'affectnet8' or 'affectnet7'")
     g.add_argument("--branches", type=int, help="ESR branch count (default: the variant's, 9 or 15)")
     g.add_argument("--width", type=float, help="channel width multiplier (1.0 = paper; 0.25 runs on a CPU)")
-    g.add_argument("--image-size", type=int, default=d.image_size, help="input side in px (default: model's)")
     g.add_argument("--cbam-position", choices=("after_pool", "before_pool"),
                    help="ESR*: CBAM after the block's max-pooling (the paper's code, default) or before it")
     g.add_argument("--decision", choices=("vote", "mean"),
@@ -138,55 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalize", choices=("none", "l2"),
                    help="L2-normalise pooled features before the similarity")
     g.add_argument("--diversity-weight", type=float, help="weight of each term in the loss (paper: 1)")
-    g = t.add_argument_group("protocol")
-    g.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
-                   help="esr_growth: one branch per stage from scratch (SPEC 3); esr_finetune: a trained "
-                        "ensemble fine-tuned one branch per stage (needs --init-weights); single: one stage, "
-                        "all parameters; auto: the model's")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first (or only) stage")
-    g.add_argument("--epochs-later", type=int, default=d.epochs_later, help="epochs of each later ESR stage")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate of the first stage (all parameters)")
-    g.add_argument("--lr-new", type=float, default=d.lr_new, help="later stages: the new branch's lr")
-    g.add_argument("--lr-old", type=float, default=d.lr_old, help="later stages: base and older branches' lr")
-    g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR step size (epochs)")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
-    g.add_argument("--lr-step-at", choices=("end", "start"), default=d.lr_step_at,
-                   help="step StepLR after each epoch (PyTorch's order) or before it (the public ESR scripts)")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer,
-                   help="sgd (the papers') or adam (fewer epochs, for CPU-sized studies)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
-    g.add_argument("--subset-per-class", type=_subset, default=d.subset_per_class,
-                   help="class-balanced subset per stage: at most N items per class, or 'all'")
-    g.add_argument("--branch-init", choices=("random", "copy"), default=d.branch_init,
-                   help="initialise a new ESR branch randomly or as a copy of the last one")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of train held out for model selection when the dataset has no val split")
-    g.add_argument("--train-transform", choices=TRANSFORM_PRESETS,
-                   help="augmentation preset (default: the model's; light_batch augments whole batches)")
-    g.add_argument("--imagenet-normalize", action="store_true", help="ImageNet mean/std normalisation")
-    g.add_argument("--random-erasing", action="store_true", help="append RandomErasing to the train transform")
-    g = t.add_argument_group("run")
-    g.add_argument("--name", default=d.name, help="run name (default: <model>-<dataset>-s<seed>)")
-    g.add_argument("--output-dir", default=d.output_dir, help="where run directories go")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="where decoded/rendered images are cached")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
-    g.add_argument("--deterministic", action="store_true", help="PyTorch deterministic algorithms")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--workers", type=int, default=d.num_workers, help="DataLoader worker processes")
-    g.add_argument("--no-channels-last", action="store_true",
-                   help="keep NCHW memory format (channels-last is faster and numerically equivalent)")
-    g.add_argument("--release-freed-memory", action="store_true",
-                   help="leave glibc's allocator at its defaults (by default a CPU run keeps freed memory "
-                        "for reuse: faster steps, more resident memory; bench/RESULTS.md)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
-                   help="autocast the training forward pass (the diversity term stays float32)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
-    g.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> where it stopped")
+    # every config field, generated from fer_lab.config (help, choices and defaults live there)
+    for title, options in cli_options():
+        g = t.add_argument_group(title)
+        for flag, kw in options:
+            if "type" in kw:
+                kw = dict(kw, type=_argument_type(kw["type"]))
+            g.add_argument(flag, **kw)
+    t.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> where it stopped")
 
     dm = sub.add_parser("demo", help="the CPU demo: notebooks 02 (train a 4-branch ESR* on synthetic faces) "
                                      "and 04 (attention explorer) via papermill (make demo)")
@@ -245,22 +190,16 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-#: ``train`` options whose TrainConfig field has another name (or is the inverse flag).
-_DEST_FIELD = {"workers": "num_workers", "no_channels_last": "channels_last",
-               "release_freed_memory": "keep_freed_memory", "no_progress": "progress",
-               "no_figures": "figures", "imagenet_normalize": "image_normalize"}
-
-
 def _given_fields(argv) -> set[str]:
-    """TrainConfig fields whose options appear in the ``train`` command line ``argv`` (even
-    at their default value); empty when ``argv`` is unknown."""
+    """Flat names of the options that appear in the ``train`` command line ``argv`` (even at
+    their default value); empty when ``argv`` is unknown."""
     if argv is None:
         return set()
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices["train"]._actions:
         action.default = argparse.SUPPRESS
-    return {_DEST_FIELD.get(dest, dest) for dest in vars(parser.parse_args(list(argv)))}
+    return set(vars(parser.parse_args(list(argv))))
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
@@ -274,9 +213,13 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 
         if not args.config.is_file():
             raise SystemExit(f"--config {args.config}: no such file")
-        base = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(base, dict):
-            raise SystemExit(f"--config {args.config}: expected a mapping of TrainConfig fields")
+        loaded = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"--config {args.config}: expected a mapping of config fields")
+        try:
+            base = {k: v for k, v in TrainConfig.from_dict(loaded).flat().items() if k in _flat_keys(loaded)}
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--config {args.config}: {e}") from None
     model_options = {**preset.pop("model_options", {}), **(base.pop("model_options", {}) or {})}
     model_options.update(dict(args.model_option))
     # the model options the command line names, by their flat names (the table notebooks and sweeps use)
@@ -285,30 +228,28 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
             model_options[key] = getattr(args, flat)
     data_options = {**preset.pop("data_options", {}), **(base.pop("data_options", {}) or {})}
     data_options.update(dict(args.data_option))
-    fields = dict(
-        model=args.model, dataset=args.dataset, data_root=args.data_root,
-        label_space=None if str(args.label_space).lower() == "none" else args.label_space,
-        image_size=args.image_size, protocol=args.protocol, epochs=args.epochs, epochs_later=args.epochs_later,
-        lr=args.lr, lr_new=args.lr_new, lr_old=args.lr_old, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
-        lr_step_at=args.lr_step_at,
-        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, subset_per_class=args.subset_per_class,
-        branch_init=args.branch_init, val_fraction=args.val_fraction, train_transform=args.train_transform,
-        image_normalize="imagenet" if args.imagenet_normalize else None, random_erasing=args.random_erasing,
-        name=args.name, output_dir=args.output_dir, cache_dir=args.cache_dir, seed=args.seed,
-        deterministic=args.deterministic, device=args.device, num_workers=args.workers,
-        channels_last=not args.no_channels_last, keep_freed_memory=not args.release_freed_memory,
-        progress=not args.no_progress, figures=not args.no_figures,
-        init_weights=args.init_weights, init_partial=args.init_partial, init_new_heads=args.init_new_heads,
-        init_channel_order=args.init_channel_order, amp=args.amp, compile=args.compile,
-        preset=getattr(args, "preset", None))
-    # a config file sets fields the command line left at their defaults
-    defaults = TrainConfig().to_dict()
+    defaults = flat_defaults()
+    fields = {k: getattr(args, k) for k in defaults if hasattr(args, k)}
+    fields["preset"] = getattr(args, "preset", None)
+    # a config file sets fields the command line left at their defaults (the command line's own defaults count
+    # as defaults: keep_freed_memory is on from the command line, off in the library)
+    cli_defaults = {**defaults, **{kw["dest"]: kw["default"] for _, options in cli_options() for _, kw in options}}
     merged = {**defaults, **preset, **base}
     given = _given_fields(argv)
-    merged.update({k: v for k, v in fields.items() if k in given or v != defaults.get(k)})
+    merged.update({k: v for k, v in fields.items() if k in given or v != cli_defaults.get(k)
+                   or (k not in preset and k not in base)})
     merged.update(model_options=model_options, data_options=data_options)
-    return TrainConfig.from_dict(merged)
+    return TrainConfig(**merged)
+
+
+def _flat_keys(loaded: dict) -> set[str]:
+    """The flat names a config file sets (flat, or the tree of config.json)."""
+    parts = [k for k in PARTS if isinstance(loaded.get(k), dict)]
+    keys = {k for k in loaded if k not in parts}
+    for part in parts:
+        names = {f.name: (f.metadata.get("flat") or f.name) for f in dataclasses.fields(PARTS[part])}
+        keys |= {names.get(k, k) for k in loaded[part]}
+    return keys
 
 
 def run_demo(output_dir: str, progress: bool = True) -> Path:

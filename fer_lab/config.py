@@ -1,188 +1,365 @@
-"""What a run is configured with: :class:`TrainConfig` (written to the run's ``config.json``),
-the flat parameter names notebooks and sweeps use (:data:`MODEL_OPTIONS`,
-:func:`config_from_flat`), and the choices each option accepts."""
+"""What a run is configured with: :class:`TrainConfig`, a tree of five parts, each with its
+defaults and checks next to what it configures, written to the run's ``config.json``:
+
+- :class:`DataConfig` (``cfg.data``): dataset, files, labels, input size, augmentation;
+- :class:`InitConfig` (``cfg.init``): initial weights from a user-given file;
+- :class:`ProtocolConfig` (``cfg.protocol``): stages, epochs, per-stage rates, subsets;
+- :class:`OptimConfig` (``cfg.optim``): optimiser, batch and learning-rate schedule;
+- :class:`RuntimeConfig` (``cfg.runtime``): where and how the run executes.
+
+Notebooks, sweeps, presets and the command line speak **flat names** (``epochs``, ``lr``,
+``data_root``, ``branches``, ``gamma``): :data:`FLAT_NAMES` maps each flat name of a config
+field to its place in the tree, and :data:`MODEL_OPTIONS` each flat name of a model option to
+its constructor key; :func:`config_from_flat` builds a config from one flat dict with both,
+``TrainConfig(epochs=3, lr=0.01)`` takes flat field names, and :meth:`TrainConfig.flat`
+gives them back. ``python -m fer_lab train``'s options are generated from the fields
+(:func:`cli_options`): the help text and choices below are the command line's.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 
+from .data.transforms import PRESETS as TRANSFORM_PRESETS
 from .protocols import PROTOCOLS as _PROTOCOL_CLASSES
-
 
 PROTOCOLS = ("auto", *_PROTOCOL_CLASSES)
 LR_STEP_AT = ("end", "start")
 OPTIMIZERS = ("sgd", "adam")
 AMP_MODES = ("none", "bf16", "fp16")
-# config keys that may differ between an interrupted run and its resumption
+
+
+def _opt(default=None, help: str = "", *, flat: str | None = None, choices=None, cli: dict | None = None,
+         factory=None):
+    """A config field: its default, its help text (the command line's), its flat name when it
+    differs from the field's, its accepted values, and command-line specifics (``cli``:
+    ``flag``, ``action`` and ``const``, ``parse``, ``default`` when the command line's
+    default differs from the library's, ``skip``)."""
+    metadata = {"help": help, "flat": flat, "choices": choices, "cli": cli or {}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive_int(problems: list, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append(f"{name}={value!r}: expected an int >= 1")
+
+
+def _choice(problems: list, name: str, value, choices, why: str = "") -> None:
+    if value not in choices:
+        problems.append(f"{name}={value!r}: expected one of {tuple(choices)}{why}")
+
+
+def _subset(text: str):
+    if str(text).lower() in ("all", "none"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"expected a positive int or 'all', got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"expected a positive int or 'all', got {text!r}")
+    return n
+
+
+def _label_space(text: str):
+    return None if str(text).lower() == "none" else text
+
+
+@dataclass
+class DataConfig:
+    """The dataset and its input pipeline."""
+
+    dataset: str = _opt("synthetic", "dataset name (synthetic needs no files)")
+    root: str | None = _opt(None, "directory holding the dataset's files", flat="data_root")
+    options: dict = _opt(help="dataset options, e.g. {'label_mode': 'majority'}", flat="data_options", factory=dict,
+                         cli={"skip": True})
+    label_space: str | None = _opt("auto", "'auto' (the model's), 'none' (dataset order), 'affectnet8' or "
+                                           "'affectnet7'", cli={"parse": _label_space})
+    image_size: int | None = _opt(None, "input side in px (default: the model's)")
+    train_transform: str | None = _opt(None, "augmentation preset (default: the model's; light_batch augments "
+                                             "whole batches)", choices=TRANSFORM_PRESETS)
+    image_normalize: str | None = _opt(None, "ImageNet mean/std normalisation of the input (the RAF-DB scripts); "
+                                             "not the diversity term's normalize", choices=(None, "imagenet"),
+                                       cli={"flag": "--imagenet-normalize", "action": "store_const",
+                                            "const": "imagenet"})
+    random_erasing: bool = _opt(False, "append RandomErasing to the train transform")
+    val_fraction: float = _opt(0.1, "share of train held out (stratified) for model selection when the dataset "
+                                    "has no validation split")
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            p.append(f"image_size={self.image_size!r}: expected None (model default) or an int >= 8")
+        if self.train_transform is not None:
+            _choice(p, "train_transform", self.train_transform, TRANSFORM_PRESETS)
+        _choice(p, "image_normalize", self.image_normalize, (None, "imagenet"))
+        if not (0 < self.val_fraction < 1):
+            p.append(f"val_fraction={self.val_fraction!r}: expected a fraction in (0, 1)")
+        return p
+
+
+@dataclass
+class InitConfig:
+    """Initial weights from a file the user supplies (loaded once into the fresh model)."""
+
+    weights: str | None = _opt(None, "initialise the fresh model from this file or directory: the official ESR "
+                                     "set (directory with Net-Base-Shared_Representations.pt, Net-Branch_1..L.pt), "
+                                     "MA-Net's MS-Celeb-1M checkpoint, a torchvision ResNet-18 state dict (MA-Net's "
+                                     "stem) or a fer_lab checkpoint (best.pt); nothing is downloaded",
+                               flat="init_weights", cli={"metavar": "PATH"})
+    partial: bool = _opt(False, "with init_weights: load the tensors that match and keep the rest as initialised "
+                                "(otherwise any missing, unexpected or reshaped key is an error that lists them)",
+                         flat="init_partial")
+    new_heads: bool = _opt(False, "with init_weights: keep the model's own classifier heads (e.g. 7 RAF-DB classes "
+                                  "from an 8-class AffectNet model)", flat="init_new_heads")
+    channel_order: str = _opt("rgb", "official ESR weights: convert the first conv from the official BGR input to "
+                                     "RGB (rgb, fer_lab's input everywhere) or keep BGR (then feed BGR images)",
+                              flat="init_channel_order", choices=("rgb", "bgr"))
+
+    def __post_init__(self):
+        if self.weights is not None:
+            self.weights = str(self.weights)        # a Path is stored (and compared on resume) as text
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _choice(p, "init_channel_order", self.channel_order, ("rgb", "bgr"))
+        return p
+
+
+@dataclass
+class ProtocolConfig:
+    """How training is staged (:mod:`fer_lab.protocols`)."""
+
+    name: str = _opt("auto", "esr_growth: one branch per stage from scratch (SPEC 3); esr_finetune: a trained "
+                             "ensemble fine-tuned one branch per stage (needs init_weights); single: one stage, all "
+                             "parameters; auto: the model's", flat="protocol", choices=PROTOCOLS)
+    epochs: int = _opt(50, "epochs of the first (or only) stage")
+    epochs_later: int = _opt(20, "epochs of each later ESR stage")
+    lr_new: float = _opt(0.1, "later stages: the new branch's learning rate")
+    lr_old: float = _opt(0.01, "later stages: base and older branches' learning rate (esr_finetune's stage 1 "
+                               "also puts the other branches here)")
+    subset_per_class: int | None = _opt(5000, "class-balanced subset redrawn each stage: at most N items per "
+                                              "class, or 'all'", cli={"parse": _subset})
+    branch_init: str = _opt("random", "initialise a new ESR branch randomly or as a copy of the last one",
+                            choices=("random", "copy"))
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _choice(p, "protocol", self.name, PROTOCOLS)
+        _positive_int(p, "epochs", self.epochs)
+        _positive_int(p, "epochs_later", self.epochs_later)
+        for key in ("lr_new", "lr_old"):
+            _learning_rate(p, key, getattr(self, key))
+        n = self.subset_per_class
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            p.append(f"subset_per_class={n!r}: expected an int >= 1 or None (every item)")
+        _choice(p, "branch_init", self.branch_init, ("random", "copy"))
+        return p
+
+
+def _learning_rate(problems: list, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        problems.append(f"{name}={value!r}: expected a finite learning rate >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, batch and learning-rate schedule (StepLR, rebuilt each stage)."""
+
+    optimizer: str = _opt("sgd", "sgd (the papers') or adam (fewer epochs, for CPU-sized studies)",
+                          choices=OPTIMIZERS)
+    lr: float = _opt(0.1, "learning rate of the first stage (all parameters; base + branch 1 in esr_finetune)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    batch_size: int = _opt(32, "training batch size")
+    lr_step: int = _opt(10, "StepLR step size (epochs)")
+    lr_gamma: float = _opt(0.5, "StepLR factor")
+    lr_step_at: str = _opt("end", "step StepLR after each epoch (PyTorch's order) or before it (the public ESR "
+                                  "scripts, whose first decay comes one epoch early)", choices=LR_STEP_AT)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _choice(p, "optimizer", self.optimizer, OPTIMIZERS)
+        _learning_rate(p, "lr", self.lr)
+        if not (0 <= self.momentum < 1):
+            p.append(f"momentum={self.momentum!r}: expected a value in [0, 1)")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay={self.weight_decay!r}: expected >= 0")
+        _positive_int(p, "batch_size", self.batch_size)
+        _positive_int(p, "lr_step", self.lr_step)
+        if not (0 < self.lr_gamma <= 1):
+            p.append(f"lr_gamma={self.lr_gamma!r}: expected a factor in (0, 1]")
+        _choice(p, "lr_step_at", self.lr_step_at, LR_STEP_AT,
+                " ('end': PyTorch's order, step after each epoch; 'start': the public ESR scripts, step before "
+                "each epoch)")
+        return p
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run executes (``bench/RESULTS.md`` says which switches pay off where)."""
+
+    output_dir: str = _opt("outputs/runs", "where run directories go")
+    cache_dir: str | None = _opt("outputs/cache", "where decoded/rendered images are cached")
+    seed: int = _opt(0, "seed of every random choice")
+    deterministic: bool = _opt(False, "PyTorch deterministic algorithms (restored after the run)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int = _opt(0, "DataLoader worker processes", cli={"flag": "--workers"})
+    eval_batch_size: int = _opt(128, "evaluation batch size")
+    channels_last: bool = _opt(True, "NHWC memory format: same numbers up to float round-off, faster "
+                                     "convolutions on CPU and GPU", cli={"flag": "--no-channels-last"})
+    amp: str = _opt("none", "autocast the training forward pass (the diversity term stays float32; fp16 uses a "
+                            "gradient scaler)", choices=AMP_MODES)
+    compile: bool = _opt(False, "torch.compile the training forward pass (recompiled when a branch is added)")
+    compile_backend: str = _opt("inductor", "torch.compile backend")
+    keep_freed_memory: bool = _opt(False, "on a CPU, glibc keeps freed memory for reuse instead of unmapping each "
+                                          "large activation: faster steps, more resident memory, process-wide "
+                                          "(fer_lab.utils.keep_freed_memory); off in the library, on from the "
+                                          "command line (--release-freed-memory turns it off) and the demo",
+                                   cli={"flag": "--release-freed-memory", "default": True})
+    progress: bool = _opt(True, "progress bars", cli={"flag": "--no-progress"})
+    figures: bool = _opt(True, "write the run's figures at the end", cli={"flag": "--no-figures"})
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive_int(p, "eval_batch_size", self.eval_batch_size)
+        _choice(p, "amp", self.amp, AMP_MODES)
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            p.append(f"num_workers={self.num_workers!r}: expected an int >= 0")
+        return p
+
+
+#: the parts of a TrainConfig, by attribute name
+PARTS: dict[str, type] = {"data": DataConfig, "init": InitConfig, "protocol": ProtocolConfig, "optim": OptimConfig,
+                          "runtime": RuntimeConfig}
+#: fields at the top of the tree (flat name = field name)
+_TOP = ("model", "model_options", "preset", "name")
+
+
+def _flat_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flat") or f.name
+
+
+#: flat name -> (part, field) for every field of every part: the one table the command line,
+#: notebooks, sweeps and presets use (model options: :data:`MODEL_OPTIONS`)
+FLAT_NAMES: dict[str, tuple[str, str]] = {_flat_name(f): (part, f.name) for part, cls in PARTS.items()
+                                          for f in dataclasses.fields(cls)}
+assert not set(FLAT_NAMES) & set(_TOP) and len(FLAT_NAMES) == sum(len(dataclasses.fields(c)) for c in PARTS.values())
+
+#: flat names that may differ between an interrupted run and its resumption (where and how it
+#: runs, not what it trains)
 _VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size", "keep_freed_memory", "output_dir",
              "cache_dir"}
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
-    """Everything a run needs; written to the run's ``config.json``.
+    """Everything a run needs; written to the run's ``config.json`` as the tree below.
 
-    What: ``model`` (a registered name) with ``model_options`` (overrides such as
-    ``num_branches``, ``width``, ``gamma``, ``diagonal``, ``diversity_terms``), ``dataset``
-    with ``data_root`` and ``data_options``, ``label_space`` (``"auto"``: the model
-    variant's, e.g. ``affectnet8`` for ESR). Input pipeline: ``image_size`` (default: the
-    model's), ``train_transform`` (a preset of :mod:`fer_lab.data.transforms`; default: the
-    model's), ``image_normalize`` (``"imagenet"``: ImageNet mean/std, the RAF-DB scripts;
-    not the diversity term's ``normalize``), ``random_erasing``.
+    ``model`` (a registered name) with ``model_options`` (constructor overrides such as
+    ``num_branches``, ``width``, ``gamma``, ``diagonal``, ``diversity_terms``), ``preset``
+    (the preset the run started from, :mod:`fer_lab.presets`; ``config.json`` lists where the
+    run differs from it), ``name`` (the run directory's; default
+    ``<model>-<dataset>-s<seed>``), and the parts :attr:`data`, :attr:`init`,
+    :attr:`protocol`, :attr:`optim`, :attr:`runtime` (see their classes for every field).
 
-    Protocol: ``protocol`` (``auto`` = the variant's: ``esr_growth`` for ESR, ``single``
-    otherwise; ``esr_finetune`` fine-tunes a trained ESR; see :mod:`fer_lab.protocols`),
-    ``epochs`` (first/only stage), ``epochs_later`` (each later ESR stage), ``lr`` (first
-    stage: all parameters, or base + branch 1 in ``esr_finetune``), ``lr_new``/``lr_old``
-    (the branch a later stage trains / everything else; ``esr_finetune``'s stage 1 also
-    puts the other branches at ``lr_old``), StepLR ``lr_step``/``lr_gamma``, rebuilt each
-    stage, stepped at each epoch's ``end`` (PyTorch's order) or ``start`` (``lr_step_at``:
-    the public ESR scripts call ``scheduler.step()`` before each epoch, so the first decay
-    comes one epoch early), ``optimizer`` (``sgd``, the papers'; ``adam`` converges in
-    fewer epochs, for CPU-sized studies), SGD ``momentum``, ``weight_decay``, ``batch_size``,
-    ``subset_per_class`` (class-balanced subset redrawn each stage; ``None`` = all),
-    ``branch_init`` (``random`` or ``copy`` of the last branch), ``val_fraction`` (held out
-    of train, stratified, when the dataset has no validation split). ``preset`` names the
-    preset the run started from (:mod:`fer_lab.presets`; ``config.json`` lists where the run
-    differs from it).
-
-    Execution: ``seed``, ``deterministic`` (PyTorch deterministic mode), ``device``
-    (``auto``/``cpu``/``cuda``), ``num_workers``, ``channels_last`` (NHWC memory format:
-    same numbers up to float round-off, faster convolutions on CPU and GPU; on by default),
-    ``amp`` (``none``, ``bf16`` or ``fp16`` autocast for the training forward pass; the
-    diversity term always runs in float32; fp16 uses a gradient scaler), ``compile``
-    (``torch.compile`` the training forward pass with ``compile_backend``; recompiled when a
-    branch is added),
-    ``keep_freed_memory`` (on a CPU, glibc keeps freed memory for reuse instead of unmapping
-    each large activation: faster steps, more resident memory, process-wide and not undone,
-    see :func:`fer_lab.utils.keep_freed_memory`; off in the library, on from the command line
-    and the demo), ``progress`` (tqdm bars), ``figures``. ``bench/RESULTS.md`` says which of
-    these pay off on which hardware; only ``channels_last`` is on by default.
-
-    Initialisation: ``init_weights`` (a file or directory the user supplies: the official ESR
-    checkpoint set, an MS-Celeb-1M MA-Net checkpoint, a torchvision ResNet-18 state dict or a
-    fer_lab checkpoint, see :func:`fer_lab.models.pretrained.load_pretrained`), loaded once
-    into the freshly built model (not on resume, not when a later stage reloads its best
-    checkpoint); ``init_partial`` allows loading only the tensors that match;
-    ``init_new_heads`` keeps the model's own classifier heads (fine-tuning into another
-    class set, e.g. RAF-DB's 7 classes from an 8-class AffectNet model);
-    ``init_channel_order`` (``rgb``: the official ESR's first conv is converted from BGR).
-    The load report goes to the run's ``init_weights.json``. Presets: :meth:`from_preset`.
+    Construct it from flat names (``TrainConfig(model="esr9", epochs=3, lr=0.01,
+    data_root="/data")``), from parts (``TrainConfig(optim=OptimConfig(lr=0.01))``), or both;
+    :meth:`flat` and :meth:`replace` work in flat names too.
     """
 
-    model: str = "esr9_div"
-    model_options: dict = field(default_factory=dict)
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    data_options: dict = field(default_factory=dict)
-    label_space: str | None = "auto"
-    image_size: int | None = None
-    train_transform: str | None = None
-    image_normalize: str | None = None
-    random_erasing: bool = False
-    init_weights: str | None = None
-    init_partial: bool = False
-    init_new_heads: bool = False
-    init_channel_order: str = "rgb"
-    preset: str | None = None
+    model: str
+    model_options: dict
+    preset: str | None
+    name: str | None
+    data: DataConfig
+    init: InitConfig
+    protocol: ProtocolConfig
+    optim: OptimConfig
+    runtime: RuntimeConfig
 
-    name: str | None = None
-    output_dir: str = "outputs/runs"
-    cache_dir: str | None = "outputs/cache"
-
-    protocol: str = "auto"
-    epochs: int = 50
-    epochs_later: int = 20
-    lr: float = 0.1
-    lr_new: float = 0.1
-    lr_old: float = 0.01
-    lr_step: int = 10
-    lr_gamma: float = 0.5
-    lr_step_at: str = "end"
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    subset_per_class: int | None = 5000
-    branch_init: str = "random"
-    val_fraction: float = 0.1
-
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    num_workers: int = 0
-    channels_last: bool = True
-    amp: str = "none"
-    compile: bool = False
-    compile_backend: str = "inductor"
-    keep_freed_memory: bool = False
-    progress: bool = True
-    figures: bool = True
-
-    def __post_init__(self):
-        problems = []
-        if self.protocol not in PROTOCOLS:
-            problems.append(f"protocol={self.protocol!r}: expected one of {PROTOCOLS}")
-        for key in ("epochs", "batch_size", "eval_batch_size", "lr_step"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{key}={v!r}: expected an int >= 1")
-        if not isinstance(self.epochs_later, int) or self.epochs_later < 1:
-            problems.append(f"epochs_later={self.epochs_later!r}: expected an int >= 1")
-        for key in ("lr", "lr_new", "lr_old"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                problems.append(f"{key}={v!r}: expected a finite learning rate >= 0")
-        if not (0 < self.lr_gamma <= 1):
-            problems.append(f"lr_gamma={self.lr_gamma!r}: expected a factor in (0, 1]")
-        if self.lr_step_at not in LR_STEP_AT:
-            problems.append(f"lr_step_at={self.lr_step_at!r}: expected 'end' (PyTorch's order: step after each "
-                            "epoch) or 'start' (the public ESR scripts: step before each epoch)")
-        if self.init_channel_order not in ("rgb", "bgr"):
-            problems.append(f"init_channel_order={self.init_channel_order!r}: expected 'rgb' or 'bgr'")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
-        if not (0 <= self.momentum < 1):
-            problems.append(f"momentum={self.momentum!r}: expected a value in [0, 1)")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay!r}: expected >= 0")
-        if self.subset_per_class is not None and (not isinstance(self.subset_per_class, int)
-                                                  or self.subset_per_class < 1):
-            problems.append(f"subset_per_class={self.subset_per_class!r}: expected an int >= 1 or None")
-        if self.branch_init not in ("random", "copy"):
-            problems.append(f"branch_init={self.branch_init!r}: expected 'random' or 'copy'")
-        if not (0 < self.val_fraction < 1):
-            problems.append(f"val_fraction={self.val_fraction!r}: expected a fraction in (0, 1)")
-        if self.amp not in AMP_MODES:
-            problems.append(f"amp={self.amp!r}: expected one of {AMP_MODES}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers={self.num_workers!r}: expected >= 0")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
-            problems.append(f"image_size={self.image_size!r}: expected None (model default) or an int >= 8")
-        if self.init_weights is not None:
-            self.init_weights = str(self.init_weights)      # a Path is stored (and compared on resume) as text
+    def __init__(self, model: str = "esr9_div", model_options: dict | None = None, preset: str | None = None,
+                 name: str | None = None, *, data: DataConfig | None = None, init: InitConfig | None = None,
+                 optim: OptimConfig | None = None, runtime: RuntimeConfig | None = None, **flat):
+        # ``protocol`` is both a part and a flat name (the protocol's name): a ProtocolConfig is the part
+        protocol = flat.pop("protocol", None)
+        if isinstance(protocol, ProtocolConfig):
+            parts = {"protocol": protocol}
+        else:
+            parts = {}
+            if protocol is not None:
+                flat["protocol"] = protocol
+        parts.update({k: v for k, v in (("data", data), ("init", init), ("optim", optim), ("runtime", runtime))
+                      if v is not None})
+        unknown = sorted(set(flat) - set(FLAT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; expected some of "
+                             f"{sorted([*_TOP, *FLAT_NAMES])}")
+        per_part: dict[str, dict] = {p: {} for p in PARTS}
+        for key, value in flat.items():
+            part, name_ = FLAT_NAMES[key]
+            per_part[part][name_] = value
+        for part, cls in PARTS.items():
+            given = parts.get(part)
+            if given is not None and not isinstance(given, cls):
+                raise TypeError(f"{part}={given!r}: expected a {cls.__name__}")
+            value = dataclasses.replace(given, **per_part[part]) if given is not None else cls(**per_part[part])
+            setattr(self, part, value)
+        self.model = model
+        self.model_options = dict(model_options or {})
+        self.preset = preset
+        self.name = name
+        problems = [p for part in PARTS for p in getattr(self, part).problems()]
         if problems:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
+    # ---- flat names -------------------------------------------------------------------------
+    def flat(self) -> dict:
+        """Every field under its flat name (``{"model": ..., "epochs": ..., "data_root": ...}``)."""
+        out = {k: getattr(self, k) for k in _TOP}
+        out["model_options"] = dict(self.model_options)
+        for key, (part, name_) in FLAT_NAMES.items():
+            value = getattr(getattr(self, part), name_)
+            out[key] = dict(value) if isinstance(value, dict) else value
+        return out
+
+    def replace(self, **flat) -> "TrainConfig":
+        """A copy with the given flat-named fields changed."""
+        return TrainConfig(**{**self.flat(), **flat})
+
     def to_dict(self) -> dict:
+        """The tree as JSON-able dicts (what ``config.json`` holds under ``"train"``)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """From :meth:`to_dict`'s tree, or from flat names (runs written before the tree, config
+        files, presets). Unknown keys are an error that lists the known ones."""
         d = dict(d)
+        if any(isinstance(d.get(part), dict) for part in PARTS if part != "protocol") \
+                or isinstance(d.get("protocol"), dict):
+            flat = {k: d.pop(k) for k in _TOP if k in d}
+            for part, pcls in PARTS.items():
+                sub = dict(d.pop(part, None) or {})
+                names = {f.name: _flat_name(f) for f in dataclasses.fields(pcls)}
+                unknown = sorted(set(sub) - set(names))
+                if unknown:
+                    raise ValueError(f"unknown {part} option(s) {unknown}; expected some of {sorted(names)}")
+                flat.update({names[k]: v for k, v in sub.items()})
+            if d:
+                raise ValueError(f"unknown training option(s) {sorted(d)}; expected {sorted([*_TOP, *PARTS])}")
+            return cls(**flat)
         if "normalize" in d and "image_normalize" not in d:       # the field's name in runs before 2026-12
             d["image_normalize"] = d.pop("normalize")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
         return cls(**d)
 
     @classmethod
     def from_preset(cls, preset: str, /, **overrides) -> "TrainConfig":
-        """The preset ``preset`` (:data:`fer_lab.presets.PRESETS`) with ``overrides`` (any fields,
+        """The preset ``preset`` (:data:`fer_lab.presets.PRESETS`) with ``overrides`` (flat names,
         ``name`` included) on top; ``model_options`` and ``data_options`` overrides are merged
         into the preset's."""
         from .presets import preset_fields
@@ -191,18 +368,24 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.model}-{self.dataset}-s{self.seed}"
+        return self.name or f"{self.model}-{self.data.dataset}-s{self.runtime.seed}"
 
 
-#: Flat names (notebook parameters, sweep grids) of model options -> model constructor keys.
+def flat_defaults() -> dict:
+    """Every config field's default under its flat name."""
+    return TrainConfig().flat()
+
+
+#: Flat names (notebook parameters, sweep grids, the command line) of model options -> model constructor keys.
 MODEL_OPTIONS = {"branches": "num_branches", "width": "width", "attention": "attention", "gamma": "gamma",
                  "diagonal": "diagonal", "reduction": "reduction", "diversity_terms": "diversity_terms",
                  "normalize": "diversity_normalize", "diversity_weight": "diversity_weight",
                  "diversity_source": "diversity_source", "num_classes": "num_classes",
-                 "chain_order": "chain_order", "cbam_position": "cbam_position", "cbam_reduction": "cbam_reduction", "cbam_init": "cbam_init",
-                 "decision": "decision",
+                 "chain_order": "chain_order", "cbam_position": "cbam_position", "cbam_reduction": "cbam_reduction",
+                 "cbam_init": "cbam_init", "decision": "decision",
                  "diversity_scope": "diversity_scope", "channel_term_input": "channel_term_input",
                  "branch_bn_train_at_test": "branch_bn_train_at_test"}
+assert not set(MODEL_OPTIONS) & set(FLAT_NAMES)
 
 
 def config_from_flat(**flat) -> TrainConfig:
@@ -212,8 +395,8 @@ def config_from_flat(**flat) -> TrainConfig:
     Keys of :data:`MODEL_OPTIONS` (``branches``, ``width``, ``gamma``, ``diagonal``,
     ``diversity_terms``, ``normalize``, ...) become ``model_options`` - ``None`` keeps the
     variant's default; ``run_name`` is the run's ``name``; ``train_options`` (a dict of
-    further TrainConfig fields, e.g. what a sweep's preset sets beyond the notebook's
-    parameters) is applied last; everything else must be a :class:`TrainConfig` field.
+    further flat-named fields, e.g. what a sweep's preset sets beyond the notebook's
+    parameters) is applied last; everything else must be a flat name of :data:`FLAT_NAMES`.
     Unknown keys are rejected with the list of known ones.
     """
     flat = dict(flat)
@@ -226,9 +409,57 @@ def config_from_flat(**flat) -> TrainConfig:
     if "run_name" in flat:
         flat["name"] = flat.pop("run_name")
     flat.update(extra)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {*_TOP, *FLAT_NAMES}
     unknown = sorted(set(flat) - known)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown}; expected training options {sorted(known)} "
                          f"or model options {sorted(MODEL_OPTIONS)}")
     return TrainConfig(model_options=model_options, **flat)
+
+
+# ---- the command line ------------------------------------------------------------------------
+_GROUP_TITLES = {"data": "data", "init": "initial weights", "protocol": "protocol", "optim": "optimiser and schedule",
+                 "runtime": "run"}
+
+
+def cli_options() -> list[tuple[str, list[tuple[str, dict]]]]:
+    """``[(group title, [(flag, argparse keyword arguments)])]`` for every config field the
+    command line sets, generated from the fields: flag ``--flat-name`` (or the field's own),
+    ``dest`` the flat name, default the field's (or the command line's own), help and choices
+    from the field. Booleans that default to true get a ``--no-...`` flag."""
+    groups = []
+    for part, cls in PARTS.items():
+        hints = typing.get_type_hints(cls)
+        options = []
+        for f in dataclasses.fields(cls):
+            cli = f.metadata["cli"]
+            if cli.get("skip"):
+                continue
+            flat = _flat_name(f)
+            default = cli.get("default", f.default)
+            kw: dict = {"dest": flat, "help": f.metadata["help"]}
+            flag = cli.get("flag") or "--" + flat.replace("_", "-")
+            if hints[f.name] is bool:
+                kw.update(action="store_false" if default else "store_true", default=default)
+            elif cli.get("action") == "store_const":
+                kw.update(action="store_const", const=cli["const"], default=default)
+            else:
+                kw["default"] = default
+                if f.metadata["choices"] is not None:
+                    kw["choices"] = f.metadata["choices"]
+                else:
+                    kw["type"] = cli.get("parse") or _scalar_type(hints[f.name])
+                if "metavar" in cli:
+                    kw["metavar"] = cli["metavar"]
+            options.append((flag, kw))
+        groups.append((_GROUP_TITLES[part], options))
+    return groups
+
+
+def _scalar_type(hint):
+    """``int`` for ``int`` and ``int | None``, likewise ``float``; ``str`` otherwise."""
+    args = typing.get_args(hint) or (hint,)
+    for t in (int, float):
+        if t in args:
+            return t
+    return str

@@ -44,6 +44,9 @@ _ESR_FINETUNE = dict(_ESR_SGD, protocol="esr_finetune", epochs=100, epochs_later
                      lr_old=0.02, lr_step=10, lr_gamma=0.75)
 _MANET_SGD = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4, lr=0.01, lr_gamma=0.1, lr_step_at="end",
                   protocol="single", image_size=224)
+#: RAF-DB's schedule in manet_rafdb.py and the official MA-Net main.py: every training face
+_MANET_RAFDB = dict(_MANET_SGD, dataset="rafdb", label_space=None, epochs=100, lr_step=15, batch_size=128,
+                    subset_per_class=None)
 
 PRESETS: dict[str, dict] = {
     "esr_affectnet": {
@@ -97,8 +100,7 @@ PRESETS: dict[str, dict] = {
         "differences": _MANET_DIFFERENCES,
     },
     "manet_rafdb": {
-        "fields": dict(_MANET_SGD, model="manet_div", dataset="rafdb", label_space=None, epochs=100, lr_step=15,
-                       batch_size=128, subset_per_class=None, train_transform="rafdb_train", image_normalize="imagenet",
+        "fields": dict(_MANET_RAFDB, model="manet_div", train_transform="rafdb_train", image_normalize="imagenet",
                        random_erasing=True),
         "script": "manet_rafdb.py (diversity paper): every training face, rotation/crop, ImageNet "
                   "normalisation, RandomErasing",
@@ -106,8 +108,7 @@ PRESETS: dict[str, dict] = {
         "differences": _MANET_DIFFERENCES,
     },
     "manet_rafdb_original": {
-        "fields": dict(_MANET_SGD, model="manet", dataset="rafdb", label_space=None, epochs=100, lr_step=15,
-                       batch_size=128, subset_per_class=None, train_transform="manet_train"),
+        "fields": dict(_MANET_RAFDB, model="manet", train_transform="manet_train"),
         "script": "official MA-Net main.py: RandomResizedCrop(224) + flip, no normalisation",
         "published": ("manet", "RAF-DB", "original"),
         "differences": _MANET_DIFFERENCES[:1],
@@ -171,14 +172,14 @@ def notebook_parameters(name: str, parameter_names: set[str]) -> dict:
     does not set get TrainConfig's default (model options: ``None``, the variant's), except
     where and how the run executes (output and cache directories, seed, device, data root,
     initial weights)."""
-    from .train import MODEL_OPTIONS, TrainConfig
+    from .config import MODEL_OPTIONS, flat_defaults
 
     fields = preset_fields(name)
     out: dict = {"preset": name}
     rest: dict = {}
     # what the preset leaves open is TrainConfig's default / the model variant's default,
     # not the notebook's (whose defaults are the CPU demo's); where and how it runs stays
-    defaults = TrainConfig().to_dict()
+    defaults = flat_defaults()
     for key in parameter_names:
         if key in MODEL_OPTIONS:
             out[key] = None

@@ -62,7 +62,7 @@ class Stage:
 
 class Protocol:
     """Base class of protocols; its own behaviour is the ``single`` protocol's (one stage,
-    every parameter at ``cfg.lr``), which subclasses change where they differ.
+    every parameter at ``cfg.optim.lr``), which subclasses change where they differ.
 
     ``cfg`` is the run's :class:`~fer_lab.train.TrainConfig` (epochs, learning rates, seed,
     ``branch_init``); ``model_config`` the resolved constructor arguments of the model.
@@ -81,7 +81,7 @@ class Protocol:
         """Raise ``ValueError`` when the run cannot follow this protocol."""
 
     def stages(self) -> list[Stage]:
-        return [Stage(0, self.cfg.epochs, self.model_config.get("num_branches"), {"all": self.cfg.lr})]
+        return [Stage(0, self.cfg.protocol.epochs, self.model_config.get("num_branches"), {"all": self.cfg.optim.lr})]
 
     def start_config(self) -> dict:
         """Constructor arguments of the model a fresh run builds."""
@@ -135,8 +135,8 @@ class ESRGrowth(_ESRProtocol):
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        first = Stage(0, cfg.epochs, 1, {"all": cfg.lr})
-        return [first] + [Stage(s, cfg.epochs_later, s + 1, {"base+old branches": cfg.lr_old, "new branch": cfg.lr_new})
+        first = Stage(0, cfg.protocol.epochs, 1, {"all": cfg.optim.lr})
+        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, {"base+old branches": cfg.protocol.lr_old, "new branch": cfg.protocol.lr_new})
                           for s in range(1, self.model_config["num_branches"])]
 
     def start_config(self) -> dict:
@@ -144,8 +144,8 @@ class ESRGrowth(_ESRProtocol):
 
     def begin_stage(self, model, stage):
         if stage.index > 0:
-            set_seed(derive_seed(self.cfg.seed, "branch", stage.index))
-            model.add_branch(self.cfg.branch_init)
+            set_seed(derive_seed(self.cfg.runtime.seed, "branch", stage.index))
+            model.add_branch(self.cfg.protocol.branch_init)
         return model
 
     def param_groups(self, model, stage):
@@ -167,16 +167,16 @@ class ESRFinetune(_ESRProtocol):
 
     def check(self) -> None:
         super().check()
-        if not self.cfg.init_weights:
+        if not self.cfg.init.weights:
             raise ValueError("protocol='esr_finetune' fine-tunes a trained ESR: give init_weights (a fer_lab "
                              "checkpoint of an AffectNet-trained ESR, or the official ESR-9 directory with "
                              "Net-Base-Shared_Representations.pt and Net-Branch_1..L.pt); nothing is downloaded")
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        first = Stage(0, cfg.epochs, 1, {"base+branch 1": cfg.lr, "other branches": cfg.lr_old})
-        return [first] + [Stage(s, cfg.epochs_later, s + 1, {"base+other branches": cfg.lr_old,
-                                                             "new branch": cfg.lr_new})
+        first = Stage(0, cfg.protocol.epochs, 1, {"base+branch 1": cfg.optim.lr, "other branches": cfg.protocol.lr_old})
+        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, {"base+other branches": cfg.protocol.lr_old,
+                                                             "new branch": cfg.protocol.lr_new})
                           for s in range(1, self.model_config["num_branches"])]
 
     def begin_stage(self, model, stage):

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from . import schema
+from .config import TrainConfig
 from .runs import read_json
 
 #: Table 1 row of each registered variant (the paper's wording).
@@ -76,11 +77,11 @@ def collect_runs(paths: Iterable) -> "pd.DataFrame":  # noqa: F821
         if not (d / "metrics.json").is_file():
             continue
         cfg, m = read_json(d / "config.json"), read_json(d / "metrics.json")
-        train, model = cfg["train"], cfg["model"]
+        train, model = TrainConfig.from_dict(cfg["train"]), cfg["model"]
         head = m["selected"]["head"]
         test = m.get("test", {})
-        row = {"run": str(d), "model": train["model"], "variant": _variant(train["model"], model),
-               "dataset": train["dataset"], "seed": train["seed"],
+        row = {"run": str(d), "model": train.model, "variant": _variant(train.model, model),
+               "dataset": train.data.dataset, "seed": train.runtime.seed,
                "gamma": model["diversity"]["gamma"], "diagonal": model["diversity"]["diagonal"],
                "terms": "+".join(model["diversity"]["terms"]) or "none", "head": head,
                "test_acc": 100 * test[schema.acc(head)] if schema.acc(head) in test else np.nan,
@@ -188,7 +189,7 @@ def run_diagnostics(run_dir, agreement: bool = True) -> dict:
     h = pd.read_csv(run_dir / "history.csv")
     last = h.iloc[-1]
     test = m.get("test", {})
-    rec = {"run": run_dir.name, "seed": read_json(run_dir / "config.json")["train"]["seed"],
+    rec = {"run": run_dir.name, "seed": TrainConfig.from_dict(read_json(run_dir / "config.json")["train"]).runtime.seed,
            "train_time_s": m.get("train_time_s"), "epochs": len(h), "holdout_acc": m["selected"]["val_score"],
            "valid_acc_vote": test.get(schema.acc("vote")), "valid_acc_softmax_mean": test.get(schema.acc("ensemble")),
            "valid_acc_branches": [test[schema.acc(h)] for h in schema.learner_heads(test, None)],

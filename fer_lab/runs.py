@@ -223,6 +223,13 @@ class Run:
         return model.to(map_location).eval()
 
 
+    @property
+    def train_config(self):
+        """The run's :class:`~fer_lab.config.TrainConfig` (runs written before the config tree load too)."""
+        from .config import TrainConfig
+
+        return TrainConfig.from_dict(self.config["train"])
+
     def eval_dataset(self, split: str = "test", **options):
         """The run's ``split`` with the evaluation transform, built as training built it (same
         dataset, root, options, input size and label space; :func:`fer_lab.data.bundle.eval_dataset`):
@@ -230,11 +237,9 @@ class Run:
         without FER2013Test), ``"val"`` the model-selection split (the hold-out of train where the
         dataset lacks a split), ``"train"`` every training image. ``options`` add or override
         dataset options, e.g. ``return_masks=True`` for synthetic faces."""
-        from .config import TrainConfig
         from .data.bundle import eval_dataset
 
-        cfg = TrainConfig.from_dict(self.config["train"])
-        return eval_dataset(cfg, self.config["image_size"], self.config.get("label_space"), split, **options)
+        return eval_dataset(self.train_config, self.config["image_size"], self.config.get("label_space"), split, **options)
 
 
 def load_run(path) -> Run:

@@ -19,6 +19,7 @@ switches beyond what the paper's protocols need.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -59,17 +60,17 @@ def plan_stages(cfg: TrainConfig, protocol: str | None = None) -> list[Stage]:
 def _place(model, device, cfg: TrainConfig):
     """Model on ``device``, in channels-last memory format when configured."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    return model.to(memory_format=torch.channels_last) if cfg.runtime.channels_last else model
 
 
 def _optimizer(groups: list[dict], cfg: TrainConfig):
     """The configured optimiser over the protocol's parameter groups, and its StepLR."""
     lr = groups[0]["lr"]
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optim.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
     else:
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.optim.lr_step, gamma=cfg.optim.lr_gamma)
     return opt, sched
 
 
@@ -78,7 +79,7 @@ def _loader(ds, batch_size, shuffle, seed, cfg, device, indices=None):
         ds = Subset(ds, indices)
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=cfg.num_workers,
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=cfg.runtime.num_workers,
                       pin_memory=device.type == "cuda", drop_last=False,
                       persistent_workers=False)
 
@@ -91,11 +92,11 @@ def _resolve(cfg: TrainConfig):
     """``(model config, image size, label space, protocol name)`` of a run."""
     spec = model_spec(cfg.model)
     mcfg = resolve_config(cfg.model, **cfg.model_options)
-    image_size = cfg.image_size or mcfg.get("input_size", 96)
+    image_size = cfg.data.image_size or mcfg.get("input_size", 96)
     if "input_size" in mcfg:
         mcfg["input_size"] = image_size
-    label_space = spec.data.get("label_space") if cfg.label_space == "auto" else cfg.label_space
-    protocol = cfg.protocol
+    label_space = spec.data.get("label_space") if cfg.data.label_space == "auto" else cfg.data.label_space
+    protocol = cfg.protocol.name
     if protocol == "auto":
         protocol = spec.data.get("protocol", "single")
     return mcfg, image_size, label_space, protocol
@@ -107,11 +108,11 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     ``resume=True`` continues ``<output_dir>/<name>`` from its last finished epoch; the
     configuration must match the saved one (except progress, device, workers, figures).
     A resumed run ends with the same metrics as an uninterrupted one with the same seed.
-    PyTorch's deterministic mode (``cfg.deterministic``) and flushing CPU denormals to zero
+    PyTorch's deterministic mode (``cfg.runtime.deterministic``) and flushing CPU denormals to zero
     (see :func:`fer_lab.utils.flush_denormal`) hold during the call only.
     """
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    with deterministic_mode(cfg.deterministic), flush_denormal():
+    with deterministic_mode(cfg.runtime.deterministic), flush_denormal():
         return _train(cfg, resume, list(callbacks))
 
 
@@ -120,7 +121,7 @@ def train_or_resume(cfg: TrainConfig | dict, callbacks: Iterable[Callback] = ())
     left as it is, a started one resumes from its checkpoint, otherwise the run trains; returns
     the run directory."""
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir = Path(cfg.runtime.output_dir) / cfg.run_name
     if (run_dir / "metrics.json").exists():
         print(f"{run_dir} is finished; delete it to train again")
         return run_dir
@@ -143,14 +144,14 @@ class EpochLine(Callback):
 
 def _fresh_model(cfg: TrainConfig, protocol: Protocol):
     """The model a fresh run starts from (the protocol's start configuration), initialised
-    from ``cfg.init_weights`` when given. Returns ``(model, load report or None)``."""
+    from ``cfg.init.weights`` when given. Returns ``(model, load report or None)``."""
     model = build_model(cfg.model, **{k: v for k, v in protocol.start_config().items() if k != "name"})
-    if not cfg.init_weights:
+    if not cfg.init.weights:
         return model, None
     from .models.pretrained import load_pretrained
 
-    return model, load_pretrained(model, cfg.init_weights, allow_partial=cfg.init_partial,
-                                  new_heads=cfg.init_new_heads, channel_order=cfg.init_channel_order)
+    return model, load_pretrained(model, cfg.init.weights, allow_partial=cfg.init.partial,
+                                  new_heads=cfg.init.new_heads, channel_order=cfg.init.channel_order)
 
 
 def _preset_record(cfg: TrainConfig) -> dict | None:
@@ -159,37 +160,40 @@ def _preset_record(cfg: TrainConfig) -> dict | None:
         return None
     from .presets import preset_fields
 
-    ref = TrainConfig.from_dict(preset_fields(cfg.preset, {})).to_dict()
-    mine = cfg.to_dict()
-    return {"name": cfg.preset, "differs": {k: [ref[k], v] for k, v in mine.items()
-                                            if k not in _VOLATILE | {"name", "seed", "data_root", "init_weights", "preset"}
-                                            and ref[k] != v}}
+    ref = _as_json(TrainConfig.from_dict(preset_fields(cfg.preset, {})).flat())
+    mine = _as_json(cfg.flat())
+    ignored = _VOLATILE | {"name", "seed", "data_root", "init_weights", "preset"}
+    return {"name": cfg.preset, "differs": {k: [ref[k], v] for k, v in mine.items() if k not in ignored and ref[k] != v}}
+
+
+def _as_json(flat: dict) -> dict:
+    """``flat`` as it reads back from JSON (tuples as lists), so that saved and given configs compare."""
+    return json.loads(json.dumps(flat, default=str))
 
 
 def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     if resume:
-        run = runs.RunDir.open_existing(cfg.output_dir, cfg.run_name)
-        saved = runs.read_json(run.config)["train"]
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
-                if k not in _VOLATILE and saved.get(k) != v and not (isinstance(v, tuple) and list(v) == saved.get(k))}
+        run = runs.RunDir.open_existing(cfg.runtime.output_dir, cfg.run_name)
+        saved = _as_json(TrainConfig.from_dict(runs.read_json(run.config)["train"]).flat())
+        diff = {k: (saved[k], v) for k, v in _as_json(cfg.flat()).items() if k not in _VOLATILE and saved[k] != v}
         if diff:
             raise ValueError(f"cannot resume {run.path}: the configuration differs from the saved one in "
                              + ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, (a, b) in diff.items()))
     else:
         run = None
     mcfg, image_size, label_space, protocol_name = _resolve(cfg)
-    device = pick_device(cfg.device)
-    if cfg.keep_freed_memory and device.type == "cpu":
+    device = pick_device(cfg.runtime.device)
+    if cfg.runtime.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
-    if cfg.amp == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cfg.runtime.amp == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("amp='bf16' on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast emulates it and "
                     "training is slower than float32; pass --amp none (amp='none')")
-    set_seed(derive_seed(cfg.seed, "init"))
+    set_seed(derive_seed(cfg.runtime.seed, "init"))
 
     data = build_data(cfg, image_size, label_space)
     if mcfg.get("num_classes") != len(data.classes):
         raise ValueError(f"model {cfg.model} has num_classes={mcfg.get('num_classes')} but dataset "
-                         f"{cfg.dataset} (label_space={label_space!r}) has {len(data.classes)} classes "
+                         f"{cfg.data.dataset} (label_space={label_space!r}) has {len(data.classes)} classes "
                          f"{list(data.classes)}; set model_options num_classes or label_space")
     protocol = make_protocol(protocol_name, cfg, mcfg)
     stages = protocol.stages()
@@ -197,7 +201,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     # --init-weights file leaves no half-made run directory behind
     fresh = _fresh_model(cfg, protocol) if not resume else None
     if run is None:
-        run = runs.RunDir.create(cfg.output_dir, cfg.run_name)
+        run = runs.RunDir.create(cfg.runtime.output_dir, cfg.run_name)
         runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol_name,
                                      "protocol_description": protocol.description,
                                      "stages": [s.to_dict() for s in stages], "preset": _preset_record(cfg),
@@ -221,7 +225,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             runs.write_json(run.path / "init_weights.json", init_report)
         model = _place(protocol.begin_stage(model, stages[0]), device, cfg)
     t_start = time.perf_counter() - state["elapsed"]
-    augment = batch_transform(cfg.train_transform or model_spec(cfg.model).data.get("train_transform"))
+    augment = batch_transform(cfg.data.train_transform or model_spec(cfg.model).data.get("train_transform"))
 
     for stage in stages[state["stage"]:]:
         continuing = ckpt is not None and ckpt["state"]["stage"] == stage.index
@@ -233,29 +237,29 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             model = _place(protocol.begin_stage(model, stage), device, cfg)
             state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
         optimizer, scheduler = _optimizer(protocol.param_groups(model, stage), cfg)
-        forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
-        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        forward = torch.compile(model, backend=cfg.runtime.compile_backend) if cfg.runtime.compile else model
+        scaler = torch.amp.GradScaler(device.type) if cfg.runtime.amp == "fp16" else None
         if continuing:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
-        subset = balanced_subset(data.train_targets, cfg.subset_per_class, derive_seed(cfg.seed, "subset", stage.index))
+        subset = balanced_subset(data.train_targets, cfg.protocol.subset_per_class, derive_seed(cfg.runtime.seed, "subset", stage.index))
         _emit(callbacks, "on_stage_start", {"stage": stage.index, "model": model, "subset_size": len(subset)})
         for epoch in range(state["epoch"] + 1, stage.epochs):
             t0 = time.perf_counter()
-            eseed = derive_seed(cfg.seed, "epoch", stage.index, epoch)
+            eseed = derive_seed(cfg.runtime.seed, "epoch", stage.index, epoch)
             set_seed(eseed)
-            train_loader = _loader(data.train, cfg.batch_size, True, eseed, cfg, device, subset)
-            val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
-            if cfg.lr_step_at == "start":
+            train_loader = _loader(data.train, cfg.optim.batch_size, True, eseed, cfg, device, subset)
+            val_loader = _loader(data.val, cfg.runtime.eval_batch_size, False, 0, cfg, device)
+            if cfg.optim.lr_step_at == "start":
                 _step_before_epoch(scheduler)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             event = {"stage": stage.index, "epoch": epoch, "model": model}
-            tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.progress,
+            tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.runtime.progress,
                                    f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
-                                   callbacks, event, amp=cfg.amp, forward=forward, scaler=scaler, augment=augment)
-            if cfg.lr_step_at == "end":
+                                   callbacks, event, amp=cfg.runtime.amp, forward=forward, scaler=scaler, augment=augment)
+            if cfg.optim.lr_step_at == "end":
                 scheduler.step()
             va, va_sim = run_epoch(model, val_loader, device, progress=False)
             record = {"stage": stage.index, "epoch": epoch, "global_epoch": len(state["history"]),
@@ -343,10 +347,10 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
         "test_split": data.describe["roles"].get("test"),
         "saturation_warnings": state.get("warnings", []),
     }
-    val_loader = _loader(data.val, cfg.eval_batch_size, False, 0, cfg, device)
+    val_loader = _loader(data.val, cfg.runtime.eval_batch_size, False, 0, cfg, device)
     metrics["val"], _ = run_epoch(model, val_loader, device)
     if data.test is not None:
-        test_loader = _loader(data.test, cfg.eval_batch_size, False, 0, cfg, device)
+        test_loader = _loader(data.test, cfg.runtime.eval_batch_size, False, 0, cfg, device)
         test, test_sim = run_epoch(model, test_loader, device)
         preds = predict(model, test_loader, device)
         target = preds["target"]
@@ -358,7 +362,7 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
         runs.save_npz(run.predictions, **{k: v.astype(np.float32) if v.dtype.kind == "f" else v
                                           for k, v in preds.items()})
     runs.write_json(run.metrics, metrics)
-    if cfg.figures:
+    if cfg.runtime.figures:
         from . import viz
         try:
             viz.run_figures(run.path, model=model, dataset=data.test if data.test is not None else data.val,

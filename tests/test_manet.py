@@ -270,18 +270,21 @@ def test_presets_and_cli_preset_option():
 
     assert set(PRESETS) >= {"esr_affectnet", "manet_rafdb", "manet_affectnet"}
     c = TrainConfig.from_preset("manet_rafdb", epochs=3)
-    assert (c.model, c.lr, c.momentum, c.weight_decay, c.lr_step, c.lr_gamma, c.batch_size, c.epochs) == \
+    f = c.flat()
+    assert (c.model, f["lr"], f["momentum"], f["weight_decay"], f["lr_step"], f["lr_gamma"], f["batch_size"],
+            f["epochs"]) == \
         ("manet_div", 0.01, 0.9, 1e-4, 15, 0.1, 128, 3)
     a = TrainConfig.from_preset("manet_affectnet", model_options={"gamma": 1.0})
-    assert (a.epochs, a.lr_step, a.model_options) == (20, 5, {"num_classes": 8, "gamma": 1.0})
+    assert (a.protocol.epochs, a.optim.lr_step, a.model_options) == (20, 5, {"num_classes": 8, "gamma": 1.0})
     e = TrainConfig.from_preset("esr_affectnet")
-    assert (e.protocol, e.lr_old, e.lr_gamma, e.batch_size) == ("esr_growth", 0.01, 0.5, 32)
+    assert (e.protocol.name, e.protocol.lr_old, e.optim.lr_gamma, e.optim.batch_size) == ("esr_growth", 0.01, 0.5, 32)
     with pytest.raises(ValueError, match="manet_rafdb"):
         TrainConfig.from_preset("rafdb")
     # explicit options override the preset, even when they equal TrainConfig's defaults
     argv = ["train", "--preset", "manet_rafdb", "--model", "manet_div", "--batch-size", "32", "--weight-decay", "0",
             "--init-weights", "ms.pth", "--init-partial"]
     c = config_from_args(build_parser().parse_args(argv), argv)
-    assert (c.model, c.dataset, c.batch_size, c.weight_decay, c.lr, c.epochs, c.preset) == \
+    assert (c.model, c.data.dataset, c.optim.batch_size, c.optim.weight_decay, c.optim.lr, c.protocol.epochs,
+            c.preset) == \
         ("manet_div", "rafdb", 32, 0.0, 0.01, 100, "manet_rafdb")
-    assert (c.init_weights, c.init_partial) == ("ms.pth", True)
+    assert (c.init.weights, c.init.partial) == ("ms.pth", True)

@@ -79,7 +79,7 @@ def test_02_train_esr(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["selected"]["stage"] == 1 and len(m["test"]["confusion"]) == 8
     cfg = json.loads((tiny_run / "config.json").read_text())
-    assert cfg["model"]["num_branches"] == 2 and cfg["train"]["optimizer"] == "adam"
+    assert cfg["model"]["num_branches"] == 2 and cfg["train"]["optim"]["optimizer"] == "adam"
     assert all(valid_figure(p) for p in (tiny_run / "figures").glob("*.*"))
 
 
@@ -112,8 +112,8 @@ def test_batch_runs_the_ferplus_preset_from_the_official_format(tmp_path):
     run = tmp_path / "tiny" / "esr9-s0"
     c = json.loads((run / "config.json").read_text())
     assert c["preset"]["name"] == "esr_ferplus" and c["protocol"] == "esr_finetune"
-    assert (c["train"]["lr_old"], c["train"]["lr_gamma"], c["train"]["lr_step_at"]) == (0.02, 0.75, "start")
-    assert c["train"]["momentum"] == 0.9 and c["train"]["data_options"] == {"label_mode": "majority"}
+    assert (c["train"]["protocol"]["lr_old"], c["train"]["optim"]["lr_gamma"], c["train"]["optim"]["lr_step_at"]) == (0.02, 0.75, "start")
+    assert c["train"]["optim"]["momentum"] == 0.9 and c["train"]["data"]["options"] == {"label_mode": "majority"}
     assert json.loads((run / "init_weights.json").read_text())["source"] == "esr_official"
 
 

@@ -305,7 +305,7 @@ def test_esr_rafdb_preset_new_heads_in_native_order(tmp_path, affectnet_checkpoi
     assert not any(".fc." in k for k in report["loaded_keys"]) and report["loaded"] > 0
     c = runs.read_json(path / "config.json")
     assert c["classes"] == ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
-    assert c["train"]["image_normalize"] == "imagenet" and c["train"]["random_erasing"]
+    assert c["train"]["data"]["image_normalize"] == "imagenet" and c["train"]["data"]["random_erasing"]
     assert len(runs.read_json(path / "metrics.json")["test"]["confusion"]) == 7
     with pytest.raises(ValueError, match="new_heads"):
         train(TrainConfig.from_preset("esr_rafdb", model_options=dict(num_branches=2, width=0.25),
@@ -389,13 +389,14 @@ def test_preset_matches_its_script(name):
     from fer_lab.presets import PRESETS, published_accuracy
 
     cfg = TrainConfig.from_preset(name, init_weights="weights")
+    flat = cfg.flat()
     for key, value in SCRIPTS[name].items():
-        assert getattr(cfg, key) == value, key
+        assert flat[key] == value, key
     assert cfg.preset == name and published_accuracy(name) == PUBLISHED[name]
     assert PRESETS[name]["script"] and PRESETS[name]["differences"]
     stages = plan_stages(cfg)
     mcfg = build_model(cfg.model, **cfg.model_options).config
-    if cfg.protocol == "esr_finetune":
+    if cfg.protocol.name == "esr_finetune":
         assert [s.epochs for s in stages] == [100] + [60] * 8
         assert stages[0].lrs == {"base+branch 1": 0.1, "other branches": 0.02}
         assert stages[1].lrs == {"base+other branches": 0.02, "new branch": 0.1}
@@ -403,7 +404,7 @@ def test_preset_matches_its_script(name):
         assert mcfg["cbam_position"] == "after_pool" and mcfg["decision"] == "vote"
         assert mcfg["num_classes"] == (7 if name == "esr_rafdb" else 8)
     else:
-        assert mcfg["chain_order"] == "ascending" and cfg.protocol == "single"
+        assert mcfg["chain_order"] == "ascending" and cfg.protocol.name == "single"
         assert mcfg["num_classes"] == (7 if "rafdb" in name else 8)
     if mcfg["diversity"]["terms"]:
         assert mcfg["diversity"]["gamma"] == 10.0 and mcfg["diversity"]["diagonal"] == "paper"
@@ -419,7 +420,7 @@ def test_preset_run_records_its_config_and_differences(tmp_path, affectnet_check
                                   cache_dir=str(tmp_path / "cache"), progress=False, figures=False, name="preset")
     path = train(cfg)
     c = json.loads((path / "config.json").read_text())
-    assert c["train"]["lr_old"] == 0.02 and c["train"]["lr_step_at"] == "start" and c["protocol"] == "esr_finetune"
+    assert c["train"]["protocol"]["lr_old"] == 0.02 and c["train"]["optim"]["lr_step_at"] == "start" and c["protocol"] == "esr_finetune"
     assert c["preset"]["name"] == "esr_ferplus"
     assert set(c["preset"]["differs"]) == {"model_options", "image_size", "epochs", "epochs_later", "batch_size"}
     assert c["preset"]["differs"]["epochs"] == [100, 1]

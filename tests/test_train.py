@@ -121,7 +121,7 @@ def test_resume_checks_config(tiny_cfg):
     with pytest.raises(FileNotFoundError, match="no run"):
         train(tiny_cfg(name="nothing-here"), resume=True)
     # where a run lives is not what it trains: a moved run (or batch) resumes from its new place
-    old = Path(tiny_cfg().output_dir)
+    old = Path(tiny_cfg().runtime.output_dir)
     moved = old.parent / "moved"
     old.rename(moved)
     done = train(tiny_cfg(output_dir=str(moved), cache_dir=str(moved.parent / "cache2")), resume=True)
@@ -235,9 +235,9 @@ def test_cli_release_freed_memory_flag():
     from fer_lab.train import _VOLATILE
 
     for argv, expected in ((["train"], True), (["train", "--release-freed-memory"], False)):
-        assert config_from_args(build_parser().parse_args(argv), argv).keep_freed_memory is expected
+        assert config_from_args(build_parser().parse_args(argv), argv).runtime.keep_freed_memory is expected
     assert "keep_freed_memory" in _VOLATILE
-    assert TrainConfig().keep_freed_memory is False          # the library leaves process-wide state alone
+    assert TrainConfig().runtime.keep_freed_memory is False          # the library leaves process-wide state alone
     from fer_lab.cli import DEMO
     assert DEMO["train_options"]["keep_freed_memory"] is True
 
@@ -296,7 +296,7 @@ def test_batch_augmentation_trains_and_resumes(tiny_cfg):
     pd.testing.assert_frame_equal(h_ref, _numbers(resumed)[0])     # seeded per epoch: resume = uninterrupted
     assert m_ref == _numbers(resumed)[1]
     assert h_ref["train_loss"].iloc[0] != pytest.approx(_numbers(plain)[0]["train_loss"].iloc[0])  # it augments
-    assert runs.read_json(ref / "config.json")["train"]["train_transform"] == "light_batch"
+    assert runs.read_json(ref / "config.json")["train"]["data"]["train_transform"] == "light_batch"
 
 
 @pytest.mark.parametrize("outside", [False, True])

@@ -55,17 +55,17 @@ class HoldOut(Subset):
 def dataset_options(cfg: "TrainConfig", image_size: int) -> dict:
     """The dataset options a run builds every split with: its ``data_options``, the input size
     for datasets that decode at a size (synthetic faces, pre-cropped AffectNet) and the cache."""
-    options = dict(cfg.data_options)
-    size_option = dataset_entry(cfg.dataset).size_option
+    options = dict(cfg.data.options)
+    size_option = dataset_entry(cfg.data.dataset).size_option
     if size_option:
         options.setdefault(size_option, image_size)
-    if cfg.cache_dir:
-        options.setdefault("cache", cfg.cache_dir)
+    if cfg.runtime.cache_dir:
+        options.setdefault("cache", cfg.runtime.cache_dir)
     return options
 
 
 def _holdout(cfg: "TrainConfig", targets) -> tuple[np.ndarray, np.ndarray]:
-    return holdout_split(targets, cfg.val_fraction, derive_seed("holdout", cfg.dataset))
+    return holdout_split(targets, cfg.data.val_fraction, derive_seed("holdout", cfg.data.dataset))
 
 
 def eval_dataset(cfg: "TrainConfig", image_size: int, label_space: str | None, role: str = "test", **options):
@@ -77,11 +77,11 @@ def eval_dataset(cfg: "TrainConfig", image_size: int, label_space: str | None, r
     if role not in ("train", "val", "test"):
         raise ValueError(f"role={role!r}: expected 'train', 'val' (model selection) or 'test' (the reported split)")
     opts = {**dataset_options(cfg, image_size), **options}
-    splits = dataset_splits(cfg.dataset, root=cfg.data_root, **opts)
-    tf = build_transform("eval", image_size, normalize=cfg.image_normalize)
+    splits = dataset_splits(cfg.data.dataset, root=cfg.data.root, **opts)
+    tf = build_transform("eval", image_size, normalize=cfg.data.image_normalize)
 
     def make(split):
-        return build_dataset(cfg.dataset, root=cfg.data_root, split=split, transform=tf, label_space=label_space, **opts)
+        return build_dataset(cfg.data.dataset, root=cfg.data.root, split=split, transform=tf, label_space=label_space, **opts)
 
     if role == "train" or ("val" in splits and "test" in splits):
         return make(role)
@@ -90,7 +90,7 @@ def eval_dataset(cfg: "TrainConfig", image_size: int, label_space: str | None, r
         return HoldOut(full, _holdout(cfg, full.targets)[1])
     reported = "test" if "test" in splits else ("val" if "val" in splits else None)
     if reported is None:
-        raise ValueError(f"{cfg.dataset}: no split to report (the dataset has neither 'val' nor 'test')")
+        raise ValueError(f"{cfg.data.dataset}: no split to report (the dataset has neither 'val' nor 'test')")
     return make(reported)
 
 
@@ -102,11 +102,11 @@ def build_data(cfg: "TrainConfig", image_size: int, label_space: str | None) -> 
     ``test``, the dataset's ``val`` split is the reported one.
     """
     spec_data = model_spec(cfg.model).data
-    train_tf = build_transform(cfg.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
-                               normalize=cfg.image_normalize, random_erasing=cfg.random_erasing)
+    train_tf = build_transform(cfg.data.train_transform or spec_data.get("train_transform", "esr_train"), image_size,
+                               normalize=cfg.data.image_normalize, random_erasing=cfg.data.random_erasing)
     options = dataset_options(cfg, image_size)
-    splits = dataset_splits(cfg.dataset, root=cfg.data_root, **options)
-    train_full = build_dataset(cfg.dataset, root=cfg.data_root, split="train", transform=train_tf,
+    splits = dataset_splits(cfg.data.dataset, root=cfg.data.root, **options)
+    train_full = build_dataset(cfg.data.dataset, root=cfg.data.root, split="train", transform=train_tf,
                                label_space=label_space, **options)
     train, train_targets = train_full, train_full.targets
     val = eval_dataset(cfg, image_size, label_space, "val")
@@ -118,11 +118,11 @@ def build_data(cfg: "TrainConfig", image_size: int, label_space: str | None) -> 
         keep, _ = _holdout(cfg, train_full.targets)
         train, train_targets = Subset(train_full, keep), train_full.targets[keep]
         reported = "test" if "test" in splits else ("val" if "val" in splits else None)
-        roles = {"train": "train minus the hold-out", "val": f"{cfg.val_fraction:g} of train, stratified",
+        roles = {"train": "train minus the hold-out", "val": f"{cfg.data.val_fraction:g} of train, stratified",
                  "test": reported}
 
     if len(val) == 0:
-        raise ValueError(f"{cfg.dataset}: the validation split ({roles['val']}) is empty; model selection needs "
+        raise ValueError(f"{cfg.data.dataset}: the validation split ({roles['val']}) is empty; model selection needs "
                          "at least one validation image (more training images, or a larger val_fraction)")
 
     def info(ds):
@@ -130,7 +130,7 @@ def build_data(cfg: "TrainConfig", image_size: int, label_space: str | None) -> 
             return ds.dataset.describe(ds.indices)
         return None if ds is None else ds.describe()
 
-    describe = {"dataset": cfg.dataset, "root": cfg.data_root, "label_space": label_space,
+    describe = {"dataset": cfg.data.dataset, "root": cfg.data.root, "label_space": label_space,
                 "image_size": image_size, "roles": roles, "options": {k: str(v) for k, v in options.items()},
                 "splits": {"train": info(train), "val": info(val), "test": info(test)}}
     return DataBundle(train, val, test, describe, np.asarray(train_targets), tuple(train_full.classes))
