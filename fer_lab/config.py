@@ -139,9 +139,11 @@ class ProtocolConfig:
                              "parameters; auto: the model's", flat="protocol", choices=PROTOCOLS)
     epochs: int = _opt(50, "epochs of the first (or only) stage")
     epochs_later: int = _opt(20, "epochs of each later ESR stage")
-    lr_new: float = _opt(0.1, "later stages: the new branch's learning rate")
-    lr_old: float = _opt(0.01, "later stages: base and older branches' learning rate (esr_finetune's stage 1 "
-                               "also puts the other branches here)")
+    lr_new: float | None = _opt(None, "later stages: the new branch's learning rate (default: lr, as the papers' "
+                                      "0.1 and 0.1)")
+    lr_old: float | None = _opt(None, "later stages: base and older branches' learning rate; esr_finetune's stage 1 "
+                                      "also puts the other branches here (default: lr / 10, as the papers' 0.1 and "
+                                      "0.01)")
     subset_per_class: int | None = _opt(5000, "class-balanced subset redrawn each stage: at most N items per "
                                               "class, or 'all'", cli={"parse": _subset})
     branch_init: str = _opt("random", "initialise a new ESR branch randomly or as a copy of the last one",
@@ -153,7 +155,8 @@ class ProtocolConfig:
         _positive_int(p, "epochs", self.epochs)
         _positive_int(p, "epochs_later", self.epochs_later)
         for key in ("lr_new", "lr_old"):
-            _learning_rate(p, key, getattr(self, key))
+            if getattr(self, key) is not None:
+                _learning_rate(p, key, getattr(self, key))
         n = self.subset_per_class
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             p.append(f"subset_per_class={n!r}: expected an int >= 1 or None (every item)")
@@ -326,6 +329,14 @@ class TrainConfig:
             value = getattr(getattr(self, part), name_)
             out[key] = dict(value) if isinstance(value, dict) else value
         return out
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the derived defaults filled in: ``lr_new = lr`` and ``lr_old = lr / 10``
+        where they are ``None`` (so ``--optimizer adam --lr 1e-3`` trains later stages at 1e-3
+        and 1e-4, not at SGD's 0.1 and 0.01). The engine writes this to ``config.json``."""
+        lr = self.optim.lr
+        return self.replace(lr_new=lr if self.protocol.lr_new is None else self.protocol.lr_new,
+                            lr_old=lr / 10 if self.protocol.lr_old is None else self.protocol.lr_old)
 
     def replace(self, **flat) -> "TrainConfig":
         """A copy with the given flat-named fields changed."""

@@ -73,7 +73,7 @@ class Protocol:
     description = "one stage, every parameter at lr"
 
     def __init__(self, cfg, model_config: dict):
-        self.cfg = cfg
+        self.cfg = cfg.resolved()       # later-stage rates derived from lr where not given
         self.model_config = dict(model_config)
         self.check()
 
@@ -81,7 +81,8 @@ class Protocol:
         """Raise ``ValueError`` when the run cannot follow this protocol."""
 
     def stages(self) -> list[Stage]:
-        return [Stage(0, self.cfg.protocol.epochs, self.model_config.get("num_branches"), {"all": self.cfg.optim.lr})]
+        return [Stage(0, self.cfg.protocol.epochs, self.model_config.get("num_branches"),
+                      {"all": self.cfg.optim.lr})]
 
     def start_config(self) -> dict:
         """Constructor arguments of the model a fresh run builds."""
@@ -136,7 +137,8 @@ class ESRGrowth(_ESRProtocol):
     def stages(self) -> list[Stage]:
         cfg = self.cfg
         first = Stage(0, cfg.protocol.epochs, 1, {"all": cfg.optim.lr})
-        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, {"base+old branches": cfg.protocol.lr_old, "new branch": cfg.protocol.lr_new})
+        later = {"base+old branches": cfg.protocol.lr_old, "new branch": cfg.protocol.lr_new}
+        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, dict(later))
                           for s in range(1, self.model_config["num_branches"])]
 
     def start_config(self) -> dict:
@@ -175,8 +177,8 @@ class ESRFinetune(_ESRProtocol):
     def stages(self) -> list[Stage]:
         cfg = self.cfg
         first = Stage(0, cfg.protocol.epochs, 1, {"base+branch 1": cfg.optim.lr, "other branches": cfg.protocol.lr_old})
-        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, {"base+other branches": cfg.protocol.lr_old,
-                                                             "new branch": cfg.protocol.lr_new})
+        later = {"base+other branches": cfg.protocol.lr_old, "new branch": cfg.protocol.lr_new}
+        return [first] + [Stage(s, cfg.protocol.epochs_later, s + 1, dict(later))
                           for s in range(1, self.model_config["num_branches"])]
 
     def begin_stage(self, model, stage):

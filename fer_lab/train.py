@@ -111,7 +111,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     PyTorch's deterministic mode (``cfg.runtime.deterministic``) and flushing CPU denormals to zero
     (see :func:`fer_lab.utils.flush_denormal`) hold during the call only.
     """
-    cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    cfg = (TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg).resolved()
     with deterministic_mode(cfg.runtime.deterministic), flush_denormal():
         return _train(cfg, resume, list(callbacks))
 

@@ -114,3 +114,20 @@ def test_config_file_flat_or_tree_under_the_command_line(tmp_path):
     flat.write_text("epoch: 5\n")
     with pytest.raises(SystemExit, match="epoch"):
         config_from_args(build_parser().parse_args(["train", "--config", str(flat)]), ["train", "--config", str(flat)])
+
+
+def test_later_stage_rates_follow_lr_unless_given():
+    """--optimizer adam --lr 1e-3 must not leave the later stages at SGD's 0.1 / 0.01: lr_new
+    defaults to lr and lr_old to lr / 10 (the papers' 0.1 and 0.01 at lr 0.1)."""
+    from fer_lab.train import plan_stages
+
+    argv = ["train", "--model", "esr9_div", "--branches", "3", "--optimizer", "adam", "--lr", "1e-3"]
+    cfg = config_from_args(build_parser().parse_args(argv), argv)
+    stages = plan_stages(cfg)
+    assert stages[0].lrs == {"all": 1e-3}
+    assert stages[1].lrs == stages[2].lrs == {"base+old branches": 1e-4, "new branch": 1e-3}
+    paper = plan_stages(TrainConfig(model="esr9_div"))
+    assert paper[1].lrs == {"base+old branches": 0.01, "new branch": 0.1}
+    given = TrainConfig(model="esr9_div", lr=1e-3, lr_new=5e-4, lr_old=2e-5).resolved()
+    assert (given.protocol.lr_new, given.protocol.lr_old) == (5e-4, 2e-5)
+    assert TrainConfig(lr=0.2).resolved().flat()["lr_old"] == pytest.approx(0.02)
