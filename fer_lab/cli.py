@@ -154,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--runs", nargs="+", metavar="PATTERN",
                     help="execute only the runs whose names match these shell-style patterns (e.g. 'esr4_div*-s1')")
 
+    pr = sub.add_parser("predict", help="expressions on your own photos: faces found, cropped and classified by a "
+                                        "trained run; attention and Grad-CAM figures, CSV and JSON",
+                        description="Find the faces in each image (OpenCV's Haar cascade, eyes levelled), classify "
+                                    "them with a trained run or checkpoint (every head, every learner), and write "
+                                    "predictions.csv, predictions.json and one figure per face (attention of each "
+                                    "learner, Grad-CAM, class probabilities). Unreadable images and images without "
+                                    "a face are reported and skipped (exit status 1).")
+    pr.add_argument("model", type=Path, help="a run directory or a checkpoint file (checkpoints/best.pt)")
+    pr.add_argument("images", type=Path, nargs="+", help="image files (JPEG, PNG, ...)")
+    pr.add_argument("--out", type=Path, help="output directory (default: outputs/predict/<run name>)")
+    pr.add_argument("--no-detect", action="store_true", help="the images are face crops already: no detection")
+    pr.add_argument("--all-faces", action="store_true", help="every face found (default: the largest per image)")
+    pr.add_argument("--no-align", action="store_true", help="do not rotate faces to level the eyes")
+    pr.add_argument("--no-grad-cam", action="store_true", help="skip Grad-CAM (faster)")
+    pr.add_argument("--no-figures", action="store_true", help="only the CSV and JSON")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    ex = sub.add_parser("export", help="export a trained run to ONNX and/or TorchScript (decision, every head's "
+                                       "probabilities, attention maps)")
+    ex.add_argument("model", type=Path, help="a run directory or a checkpoint file (checkpoints/best.pt)")
+    ex.add_argument("--format", dest="formats", action="append", choices=("onnx", "torchscript"),
+                    help="repeatable (default: onnx)")
+    ex.add_argument("--out", type=Path, help="output directory (default: <run>/export)")
+    ex.add_argument("--which", default="best", choices=("best", "last"), help="which checkpoint of a run")
+
     da = sub.add_parser("data", help="dataset tools (check)")
     dsub = da.add_subparsers(dest="data_command", required=True)
     ck = dsub.add_parser("check", help="validate a dataset on disk: per-split, per-class counts and every problem",
@@ -252,6 +277,29 @@ def _flat_keys(loaded: dict) -> set[str]:
     return keys
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    """``predict``: print one line per face and the files that failed; 0 when every image gave a face."""
+    from .predict import Predictor
+
+    predictor = Predictor.load(args.model, device=args.device)
+    name = args.model.name if args.model.is_dir() else args.model.parent.parent.name
+    out = args.out or Path("outputs") / "predict" / name
+    preds, errors = predictor.predict_files(args.images, out, detect=not args.no_detect, align=not args.no_align,
+                                            all_faces=args.all_faces, grad_cam=not args.no_grad_cam,
+                                            figures=not args.no_figures, progress=True)
+    for p in preds:
+        row = p.record()
+        learners = ", ".join(f"{h.replace('_', ' ')} {row[h + '_class']} {100 * row[h + '_confidence']:.0f}%"
+                             for h in p.probabilities if h != p.main_head)
+        print(f"{p.image} face {p.face_index + 1}: {p.decision()} "
+              f"({p.main_head} {100 * row[p.main_head + '_confidence']:.0f}%; {learners})")
+    for path, err in errors.items():
+        print(f"skipped: {err}", file=sys.stderr)
+    print(f"results: {out / 'predictions.csv'}, {out / 'predictions.json'}"
+          + ("" if args.no_figures else f", figures in {out / 'figures'}"))
+    return 1 if errors else 0
+
+
 def run_demo(output_dir: str, progress: bool = True) -> Path:
     """``make demo``: execute ``02_train_esr.ipynb`` with :data:`DEMO` and ``04_attention_explorer``
     on its run, with papermill, into ``output_dir`` (executed notebooks beside the run).
@@ -348,6 +396,16 @@ def main(argv: list[str] | None = None) -> int:
             return run_data_check(args)
         if args.command == "batch":
             return run_batch_command(args)
+        if args.command == "predict":
+            return run_predict(args)
+        if args.command == "export":
+            from .export import export_model
+
+            info = export_model(args.model, args.out, formats=tuple(args.formats or ("onnx",)), which=args.which)
+            print("\n".join(f"{fmt}: {f}" for fmt, f in info["files"].items()))
+            print(f"outputs {info['outputs']}; heads {info['heads']}; learners {info['learners']}; "
+                  f"input {info['input']['shape']}")
+            return 0
         if args.command == "train":
             cfg = config_from_args(args, sys.argv[1:] if argv is None else argv)
             path = train(cfg, resume=args.resume)

@@ -191,6 +191,9 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     set_seed(derive_seed(cfg.runtime.seed, "init"))
 
     data = build_data(cfg, image_size, label_space)
+    # what a checkpoint needs to be used on its own (fer_lab.predict): class names, input size, colour
+    meta = {"classes": list(data.classes), "image_size": image_size,
+            "color": (data.describe.get("splits", {}).get("train") or {}).get("color")}
     if mcfg.get("num_classes") != len(data.classes):
         raise ValueError(f"model {cfg.model} has num_classes={mcfg.get('num_classes')} but dataset "
                          f"{cfg.data.dataset} (label_space={label_space!r}) has {len(data.classes)} classes "
@@ -244,7 +247,8 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             scheduler.load_state_dict(ckpt["scheduler"])
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
-        subset = balanced_subset(data.train_targets, cfg.protocol.subset_per_class, derive_seed(cfg.runtime.seed, "subset", stage.index))
+        subset = balanced_subset(data.train_targets, cfg.protocol.subset_per_class,
+                                 derive_seed(cfg.runtime.seed, "subset", stage.index))
         _emit(callbacks, "on_stage_start", {"stage": stage.index, "model": model, "subset_size": len(subset)})
         for epoch in range(state["epoch"] + 1, stage.epochs):
             t0 = time.perf_counter()
@@ -273,9 +277,10 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             score = va[f"acc_{model.main_head}"]
             if score > state["best_score"]:
                 state.update(best_score=score, best_epoch=epoch)
-                runs.save_checkpoint(run.stage_best(stage.index), _checkpoint(model, cfg, stage, epoch, score))
+                runs.save_checkpoint(run.stage_best(stage.index),
+                                     _checkpoint(model, cfg, stage, epoch, score, meta))
             state.update(stage=stage.index, epoch=epoch, elapsed=time.perf_counter() - t_start)
-            runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score),
+            runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score, meta),
                                             "optimizer": optimizer.state_dict(),
                                             "scheduler": scheduler.state_dict(), "state": _plain(state),
                                             "scaler": scaler.state_dict() if scaler is not None else {}})
@@ -308,9 +313,9 @@ def _plain(state: dict) -> dict:
     return s
 
 
-def _checkpoint(model, cfg, stage, epoch, score) -> dict:
+def _checkpoint(model, cfg, stage, epoch, score, meta) -> dict:
     return {"model": model.state_dict(), "model_config": model.config, "train_config": cfg.to_dict(),
-            "stage": stage.index, "epoch": epoch, "val_score": score}
+            "stage": stage.index, "epoch": epoch, "val_score": score, "meta": meta}
 
 
 def _write_similarity(path, state) -> None:

@@ -1,6 +1,8 @@
 """Publication figures: one style, colour-blind-safe palettes, every figure as PDF, SVG and PNG.
 
-Functions take arrays (or a run directory) and return a matplotlib ``Figure``;
+Functions take arrays (or a run directory) and return a matplotlib ``Figure``; the house style
+lives in :mod:`fer_lab.style` and figures of faces in :mod:`fer_lab.viz_maps` (both re-exported
+here);
 :func:`save_figure` writes it atomically into a run's ``figures/``. Similarity
 heatmaps always use the fixed colour range ``[0, 1]`` so figures are comparable
 across runs; small matrices are annotated with their values. Nothing here trains or
@@ -8,58 +10,21 @@ loads data beyond what a figure needs.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from . import schema
-from .runs import atomic_write_bytes, load_run
+from .runs import load_run
+from .style import (ATTENTION, ENSEMBLE_COLOR, FORMATS, LOG_FLOOR, PALETTE, SEQUENTIAL, TERM_LABELS,  # noqa: F401
+                    _labels, display_name, save_figure, set_style)
+from .viz_maps import (collect_attention, pick_examples, plot_channel_attention, plot_face_prediction,  # noqa: F401
+                       plot_map_grid, upsample)
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("pdf", "svg", "png")
-#: colour-blind-safe qualitative palette (seaborn "colorblind", Okabe-Ito-like)
-PALETTE = ["#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC", "#CA9161", "#FBAFE4", "#949494",
-           "#ECE133", "#56B4E9"]
-SEQUENTIAL = "viridis"     # similarity matrices, confusion matrices (perceptually uniform, CVD-safe)
-ATTENTION = "inferno"      # attention overlays
-ENSEMBLE_COLOR = "#000000"
-TERM_LABELS = {"sp": "spatial", "ch": "channel", "b": "branch"}
-#: Floor of the log scales (similarity, 1 - det): values below it, exact zeros included, are drawn at it.
-LOG_FLOOR = 1e-12
-
-
-def set_style() -> None:
-    """The house style: small paper fonts, TrueType fonts in PDF (fonttype 42), text kept in SVG."""
-    import seaborn as sns
-
-    sns.set_theme(context="paper", style="ticks", palette=PALETTE, font_scale=1.0)
-    plt.rcParams.update({
-        "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
-        "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
-        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": False,
-        "legend.frameon": False, "image.cmap": SEQUENTIAL,
-    })
-
-
-def save_figure(fig, directory, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write ``fig`` as ``<directory>/<name>.<fmt>`` for each format (atomically); returns the paths."""
-    directory = Path(directory)
-    paths = []
-    for fmt in formats:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt)
-        paths.append(atomic_write_bytes(directory / f"{name}.{fmt}", buf.getvalue()))
-    return paths
-
-
-def _labels(L: int, prefix: str = "B") -> list[str]:
-    return [f"{prefix}{i + 1}" for i in range(L)]
 
 
 # ---- similarity and determinants ---------------------------------------------------------
@@ -386,133 +351,6 @@ def plot_determinant_trends_many(histories: dict, term: str = "sp", phase: str =
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=6, ncol=2)
     return ax
-
-
-# ---- attention ------------------------------------------------------------------------------
-def upsample(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of ``(..., h, w)`` maps to ``(..., H, W)``."""
-    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
-    lead = t.shape[:-2]
-    t = torch.nn.functional.interpolate(t.reshape(-1, 1, *t.shape[-2:]), size=size, mode="bilinear",
-                                        align_corners=False)
-    return t.reshape(*lead, *size).numpy()
-
-
-def _as_display(image: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` or ``(H, W, C)`` float/uint8 image -> ``(H, W, 3)`` float in ``[0, 1]``."""
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
-        img = np.moveaxis(img, 0, -1)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    img = img.astype(np.float32)
-    if img.max() > 1.5:
-        img = img / 255.0
-    return np.clip(img, 0, 1)
-
-
-def plot_map_grid(images, maps, classes: Sequence[str] | None = None, targets=None, predictions=None,
-                  column_labels: Sequence[str] | None = None, alpha: float = 0.55, shared_scale: bool = True,
-                  cmap: str = ATTENTION):
-    """Each row one face, each column one map (a learner's attention or Grad-CAM) overlaid on it.
-
-    ``images`` ``(B, C, H, W)``; ``maps`` either ``(L, B, h, w)`` (columns ``branch 1..L``) or
-    a dict ``{column label: (B, h, w)}`` (e.g. two runs side by side, or attention next to
-    Grad-CAM: columns may have different resolutions); maps are upsampled bilinearly. ``predictions`` ``(L, B)`` class indices (one row per column) are printed per
-    panel, red when wrong; ``targets`` ``(B,)`` label the rows. One colour scale for the
-    whole grid (``shared_scale``) so learners are comparable; otherwise each map is min-max scaled.
-    """
-    images = np.asarray(images)
-    H, W = _as_display(images[0]).shape[:2]
-    if isinstance(maps, dict):
-        column_labels = list(maps) if column_labels is None else list(column_labels)
-        maps = list(maps.values())
-    else:
-        column_labels = list(column_labels) if column_labels is not None else _labels(len(maps), "branch ")
-    # columns may differ in resolution (6x6 attention next to full-size Grad-CAM)
-    up = np.stack([upsample(np.asarray(m, dtype=np.float32), (H, W)) for m in maps])
-    L, B = up.shape[:2]
-    lo, hi = (np.nanmin(up), np.nanmax(up)) if shared_scale else (None, None)
-    fig, axes = plt.subplots(B, L + 1, figsize=(1.25 * (L + 1), 1.3 * B), squeeze=False)
-    for b in range(B):
-        img = _as_display(images[b])
-        axes[b, 0].imshow(img)
-        if targets is not None and classes is not None:
-            axes[b, 0].set_ylabel(classes[int(targets[b])], fontsize=7)
-        for l in range(L):
-            ax = axes[b, l + 1]
-            ax.imshow(img.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
-            m = up[l, b]
-            vmin, vmax = (lo, hi) if shared_scale else (m.min(), m.max())
-            ax.imshow(m, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
-            if predictions is not None and classes is not None:
-                p = int(predictions[l][b])
-                ok = targets is None or p == int(targets[b])
-                ax.set_title(classes[p], fontsize=6, color="black" if ok else PALETTE[3], pad=2)
-        for ax in axes[b]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-    for l, name in enumerate(["input"] + column_labels):
-        axes[0, l].annotate(name, (0.5, 1.25), xycoords="axes fraction", ha="center", fontsize=7)
-    fig.subplots_adjust(wspace=0.05, hspace=0.35)
-    return fig
-
-
-def plot_channel_attention(channel_attention, labels: Sequence[str] | None = None, ax=None, sort: bool = True):
-    """Channel attention of each learner as a heatmap (rows: learners, columns: channels).
-
-    ``channel_attention`` ``(L, B, C)`` (averaged over the batch) or ``(L, C)``; channels are
-    ordered by the first learner's attention (``sort``) so differences between learners show.
-    """
-    ca = np.asarray(channel_attention, dtype=np.float32)
-    if ca.ndim == 3:
-        ca = ca.mean(axis=1)
-    if sort:
-        ca = ca[:, np.argsort(-ca[0])]
-    labels = list(labels) if labels is not None else _labels(ca.shape[0], "branch ")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.0, 0.35 * ca.shape[0] + 1.0))
-    im = ax.imshow(ca, aspect="auto", vmin=0, vmax=1, cmap=SEQUENTIAL, interpolation="nearest")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("channel" + (" (sorted by the first learner)" if sort else ""))
-    ax.figure.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
-    return ax
-
-
-@torch.no_grad()
-def collect_attention(model, dataset, indices: Sequence[int], device="cpu"):
-    """Run ``model`` (eval mode, restored afterwards) on ``dataset[indices]``.
-
-    Returns ``(images (B, C, H, W), targets (B,), output)`` where ``output`` is the model's
-    output dataclass. Items of a dataset returning masks ``(x, y, masks)`` are accepted.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        from .data.base import stack_items
-
-        x, y, _ = stack_items(dataset, indices)
-        out = model(x.to(device))
-    finally:
-        model.train(was_training)
-    return x.cpu(), y, out
-
-
-def pick_examples(targets: np.ndarray, n: int, seed: int = 0) -> list[int]:
-    """``n`` item indices spread over classes (one per class in turn), reproducibly."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(targets)
-    per = {c: list(rng.permutation(np.flatnonzero(targets == c))) for c in classes}
-    out = []
-    while len(out) < n and any(per.values()):
-        for c in classes:
-            if per[c] and len(out) < n:
-                out.append(int(per[c].pop()))
-    return out
 
 
 # ---- a run's standard figures -----------------------------------------------------------
