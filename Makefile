@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.fer_lab-installed
 HASH    = $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 KERNEL := fer_lab
 
-.PHONY: venv demo test lab bench clean-venv help
+.PHONY: venv demo test lab bench browser clean-venv help
 
 help:
 	@echo "make demo   - train a small diversified ESR on synthetic faces (outputs/demo/)"
@@ -33,8 +33,18 @@ venv:
 demo: venv
 	$(VPY) -m fer_lab demo
 
-test: venv
+test: venv browser
 	$(VPY) -m pytest -q
+
+# tests/test_browser.py drives JupyterLab in Debian's Chromium (no browser download); install it
+# where we can (root with apt), otherwise those tests skip
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo ">> installing Debian's chromium for the browser tests"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+				|| echo ">> could not install chromium: the browser tests will skip"; \
+		else echo ">> chromium not found (and not root with apt): the browser tests will skip"; fi; }
 
 lab: venv
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -89,7 +89,8 @@ def learner_predictions(model, out, learners) -> np.ndarray:
     return np.stack([heads.get(k, heads[model.main_head]).argmax(dim=-1).cpu().numpy() for k in learners])
 
 
-def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, with_grad_cam: bool = True):
+def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, with_grad_cam: bool = True,
+                  progress: bool = False):
     """Share of each learner's attention inside the expression regions, averaged over ``indices``.
 
     ``dataset`` must return region masks (synthetic faces with ``return_masks=True``). Rows:
@@ -97,16 +98,17 @@ def region_scores(model, dataset, indices: Sequence[int], batch_size: int = 32, 
     :func:`learner_attention`; ``Grad-CAM`` of every scoring head);
     columns ``inside`` (share of mass in the union of eyes, brows, mouth and nose), ``area``
     (their area share: what uniform attention scores), ``lift`` (= inside / area) and one share
-    per region. Returns a pandas DataFrame.
+    per region. Returns a pandas DataFrame. ``progress``: a bar over the batches.
     """
     import pandas as pd
+    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     acc: dict[tuple[str, str], list[dict]] = {}
     try:
-        for start in range(0, len(indices), batch_size):
+        for start in tqdm(range(0, len(indices), batch_size), desc="region scores", disable=not progress):
             x, y, masks = stack_items(dataset, indices[start:start + batch_size])
             if masks is None:
                 raise ValueError("region_scores needs a dataset that returns region masks (synthetic faces "

@@ -217,9 +217,15 @@ def execute(notebook: Path, output: Path, parameters: dict, kernel: str = KERNEL
     ``error`` is the notebook's exception (``ValueError: ...``) or the tail of papermill's
     output. ``threads`` caps the kernel's OpenMP/torch threads (for parallel jobs);
     ``stream`` shows papermill's progress and the cells' output on this terminal instead
-    of capturing them (then ``error`` only points to the executed notebook).
+    of capturing them (then ``error`` only points to the executed notebook). A notebook with
+    an ``interactive`` parameter gets ``interactive=False`` unless ``parameters`` set it.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
+    import papermill
+
+    # nobody is there to move a slider: notebooks with widgets draw their static figures only
+    if "interactive" not in parameters and "interactive" in papermill.inspect_notebook(str(notebook)):
+        parameters = {**parameters, "interactive": False}
     params_file = output.parent / ".papermill_parameters.json"
     write_json(params_file, parameters)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", str(params_file), "-k", kernel,

@@ -71,9 +71,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, head: str, targets: Sequenc
 
 
 def grad_cam_per_learner(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None,
-                         heads: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                         heads: Sequence[str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """:func:`grad_cam` for every learner head (ESR: ``branch_1..L`` and ``ensemble``), the same
-    ``targets`` for all (default: each head's own prediction). Returns ``{head: (B, H, W)}``."""
+    ``targets`` for all (default: each head's own prediction). Returns ``{head: (B, H, W)}``;
+    ``progress``: a bar over the heads."""
     if heads is None:
         with torch.no_grad():
             was = model.training
@@ -81,4 +82,6 @@ def grad_cam_per_learner(model: nn.Module, images: torch.Tensor, targets: Sequen
             names = list(model.heads(model(images[:1].to(next(model.parameters()).device))))
             model.train(was)
         heads = [h for h in names if h not in NON_DIFFERENTIABLE_HEADS]
-    return {h: grad_cam(model, images, h, targets) for h in heads}
+    from tqdm.auto import tqdm
+
+    return {h: grad_cam(model, images, h, targets) for h in tqdm(heads, desc="Grad-CAM", disable=not progress)}

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .data.transforms import PRESETS as TRANSFORM_PRESETS
 from .protocols import PROTOCOLS as _PROTOCOL_CLASSES
@@ -376,6 +377,17 @@ class TrainConfig:
         from .presets import preset_fields
 
         return cls.from_dict(preset_fields(preset, overrides))
+
+    def describe(self) -> str:
+        """One line: what trains on what, how, and where the run goes (notebooks print this
+        instead of the whole config; ``config.json`` holds everything)."""
+        d, p, o = self.data, self.protocol, self.optim
+        options = ", ".join(f"{k}={v}" for k, v in self.model_options.items())
+        epochs = f"{p.epochs}" + ("" if p.name == "single" else f" + {p.epochs_later}/stage")
+        return (f"{self.model}{f' ({options})' if options else ''} on {d.dataset}"
+                f"{f' ({d.image_size} px)' if d.image_size else ''}; protocol {p.name}, {o.optimizer} lr {o.lr:g}, "
+                f"{epochs} epochs, batch {o.batch_size}, seed {self.runtime.seed}"
+                f"{f', preset {self.preset}' if self.preset else ''} -> {Path(self.runtime.output_dir) / self.run_name}")
 
     @property
     def run_name(self) -> str:

@@ -165,12 +165,14 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
 
 
 @torch.no_grad()
-def predict(model, loader, device) -> dict[str, np.ndarray]:
+def predict(model, loader, device, progress: bool = False, desc: str = "predict") -> dict[str, np.ndarray]:
     """Softmax of every head's ``(N, K)`` scores on ``loader`` in eval mode (``{head: (N, K)}``), plus
     ``target`` ``(N,)`` (the argmax of soft labels)."""
+    from tqdm.auto import tqdm
+
     model.eval()
     acc: dict[str, list] = {}
-    for x, y in batches(loader):
+    for x, y in tqdm(batches(loader), total=len(loader), desc=desc, disable=not progress, leave=False):
         out = model(_input(x, device, model))
         for head, score in model.heads(out).items():
             acc.setdefault(head, []).append(score.float().softmax(dim=1).cpu())

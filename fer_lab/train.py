@@ -138,7 +138,9 @@ class EpochLine(Callback):
         parts = [f"stage {r['stage'] + 1} epoch {r['epoch'] + 1}", f"train acc ({head}) "
                  f"{r[schema.col('train', schema.acc(head))]:.3f}", f"val acc {r[schema.col('val', schema.acc(head))]:.3f}"]
         parts += [f"val {h} {r[schema.col('val', schema.acc(h))]:.3f}" for h in others]
-        parts += [f"D_{t} {r[schema.col('val', schema.D(t))]:.3f}" for t in schema.terms(r, "val")]
+        # a single learner (ESR's first stage) has no diversity term: its D is NaN, not shown
+        parts += [f"D_{t} {r[schema.col('val', schema.D(t))]:.3f}" for t in schema.terms(r, "val")
+                  if not math.isnan(r[schema.col('val', schema.D(t))])]
         print(", ".join(parts + [f"{r['time_s']:.0f} s"]), flush=True)
 
 
@@ -353,11 +355,12 @@ def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:
         "saturation_warnings": state.get("warnings", []),
     }
     val_loader = _loader(data.val, cfg.runtime.eval_batch_size, False, 0, cfg, device)
-    metrics["val"], _ = run_epoch(model, val_loader, device)
+    show = cfg.runtime.progress
+    metrics["val"], _ = run_epoch(model, val_loader, device, progress=show, desc="evaluation: val")
     if data.test is not None:
         test_loader = _loader(data.test, cfg.runtime.eval_batch_size, False, 0, cfg, device)
-        test, test_sim = run_epoch(model, test_loader, device)
-        preds = predict(model, test_loader, device)
+        test, test_sim = run_epoch(model, test_loader, device, progress=show, desc="evaluation: test")
+        preds = predict(model, test_loader, device, progress=show, desc="evaluation: test predictions")
         target = preds["target"]
         main = preds[model.main_head]
         main_pred = main.argmax(axis=1)
