@@ -265,3 +265,44 @@ def test_batch_set_paths_are_relative_to_the_shell(tmp_path, monkeypatch):
                           "cache_dir": None})
     assert got == {"data_root": str(tmp_path / "data" / "ferplus"), "init_weights": "/abs/w.pt", "seed": 1,
                    "gamma": "median", "cache_dir": None}
+
+
+def test_explorer_says_what_to_do_without_a_run(tmp_path):
+    """A fresh clone has no demo run: notebook 04 fails with 'run make demo first or set run_dir',
+    not a bare FileNotFoundError about config.json."""
+    from fer_lab.explorer import require_run, resolve_interactive
+
+    ok, error, _ = execute(NOTEBOOKS_DIR / "04_attention_explorer.ipynb", tmp_path / "04.ipynb",
+                           {"run_dir": str(tmp_path / "nothing")}, timeout=300)
+    assert not ok and "make demo" in error and "run_dir" in error
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        require_run(None)
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no checkpoints/best.pt yet"):
+        require_run(tmp_path / "started")
+    # outside a Jupyter kernel None means off; True/False are kept
+    assert (resolve_interactive(None), resolve_interactive(True), resolve_interactive(False)) == (False, True, False)
+
+
+def test_papermill_runs_are_static_and_quiet(tmp_path, tiny_run):
+    """fer_lab's papermill runs pass interactive=False to notebooks with widgets; no cell leaves a
+    stray value (``Out[n]: 1760`` from a write) and the training notebook prints one config line."""
+    nb = run_nb("01_diversity_explained", tmp_path, output_dir=str(tmp_path / "out"), L_max=3,
+                run_dir=str(tmp_path / "missing"))
+    cells = json.loads(nb.read_text())["cells"]
+    injected = next(c for c in cells if "injected-parameters" in c["metadata"].get("tags", []))
+    assert "interactive = False" in "".join(injected["source"])
+    texts = ["".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c["outputs"]]
+    assert any("static run" in t for t in texts)
+    for c in cells:
+        for o in c.get("outputs", []):
+            if o["output_type"] == "execute_result":
+                assert "text/html" in o["data"] or "image/png" in o["data"], o["data"].get("text/plain")
+    executed = json.loads((tiny_run.parent.parent / "02_train_esr.ipynb").read_text())["cells"]
+    config_cell = next(c for c in executed if "config_from_flat(" in "".join(c["source"]))
+    (out,) = config_cell["outputs"]
+    assert out["output_type"] == "stream" and out["text"][0].startswith("esr9_div (num_branches=2")
+    lines = "".join("".join(o.get("text", "")) for c in executed for o in c.get("outputs", [])
+                    if o["output_type"] == "stream")
+    assert "stage 1 epoch 1" in lines and "D_sp nan" not in lines
