@@ -1,9 +1,13 @@
 """The CUDA benchmarks: diversity term, training step (batch 256, AMP) and inference, in a few minutes.
 
 Run on a machine with a GPU (``python bench/gpu.py``); writes ``bench/results/gpu.json``
-(and ``diversity_speed_cuda.json``). Training step variants per model: float32 NCHW
-(``fp32``), bf16 autocast (``amp``), bf16 + channels-last (``amp_cl``, fer_lab's GPU
-recommendation) and, with ``--compile``, the same under ``torch.compile`` (``amp_cl_compile``).
+(and ``diversity_speed_cuda.json``), after every measured row (a run cut short keeps what it
+measured). Training step variants per model: float32 NCHW (``fp32``), bf16 autocast
+(``amp``), bf16 + channels-last (``amp_cl``, fer_lab's GPU recommendation) and, with
+``--compile``, the same under ``torch.compile`` (``amp_cl_compile``). For the CBAM models
+``amp_cl`` runs with each CBAM training path (``fer_lab.models.cbam.cbam_path``: the
+hand-written autograd node and the plain formulas); ``cbam_choice`` says which is faster and
+how ESR*-9 compares with ESR-9 on each path (the target: at most 1.3x ESR-9's step time).
 
     python bench/gpu.py [--batch 256] [--reps 10] [--compile]
     python bench/gpu.py --dry-run      # every step on the CPU, tiny, nothing saved
@@ -11,6 +15,7 @@ recommendation) and, with ``--compile``, the same under ``torch.compile`` (``amp
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import _common as C
@@ -19,10 +24,16 @@ import torch
 import diversity_speed
 import inference
 from fer_lab.models import build_model
+from fer_lab.models.cbam import cbam_path
 
 
 def train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: bool,
-               device: str = "cuda") -> dict:
+               device: str = "cuda", path: str = "auto") -> dict:
+    with cbam_path(path):
+        return _train_step(name, batch, reps, amp, cl, compile_, device)
+
+
+def _train_step(name: str, batch: int, reps: int, amp: bool, cl: bool, compile_: bool, device: str) -> dict:
     torch.manual_seed(0)
     model = build_model(name).to(device)
     x = torch.rand(batch, 3, 96, 96, device=device)
@@ -70,27 +81,46 @@ def main(argv=None) -> dict:
     reps = "1" if args.dry_run else "50"
     peak_bf16 = C.matmul_gflops(512 if args.dry_run else 8192, device=device, dtype=torch.bfloat16)
     div = diversity_speed.main(["--device", device, "--reps", reps, "--name", "gpu_dry_run_diversity"])
-    rows = []
+    rows: list[dict] = []
+    result = {"what": f"CUDA, batch {args.batch}, bf16 autocast where noted", "matmul_bf16_gflops": peak_bf16,
+              "train_rows": rows, "diversity": div["rows"]}
+
+    def record(row):
+        rows.append(row)
+        print(f"{row['model']:9s} {row['variant']:15s} {row['images_per_s']:8.0f} img/s  "
+              f"{row['peak_cuda_mib'] or 0:7.0f} MiB  first step {row['first_step_s']:.1f} s", flush=True)
+        if not args.dry_run:
+            C.save("gpu", result)
+
     variants = [("fp32", False, False, False), ("amp", True, False, False), ("amp_cl", True, True, False)]
-    if args.compile:
-        variants.append(("amp_cl_compile", True, True, True))
     for name in ("esr9", "esr9_att", "esr9_div"):
         for label, amp, cl, comp in variants:
-            row = {"variant": label, **train_step(name, args.batch, args.reps, amp, cl, comp, device)}
-            rows.append(row)
-            print(f"{name:9s} {label:15s} {row['images_per_s']:8.0f} img/s  {row['peak_cuda_mib'] or 0:7.0f} MiB",
-                  flush=True)
-    best = {n: max((r for r in rows if r["model"] == n), key=lambda r: r["images_per_s"]) for n in ("esr9", "esr9_div")}
+            paths = ("node", "plain") if name != "esr9" and label == "amp_cl" else ("auto",)
+            for path in paths:
+                tag = label if path == "auto" else f"{label}_{path}"
+                record({"variant": tag, "cbam_path": path,
+                        **train_step(name, args.batch, args.reps, amp, cl, comp, device, path)})
+    step = {(r["model"], r["variant"]): r["step_s"] for r in rows}
+    choice = {p: step[("esr9_div", f"amp_cl_{p}")] / step[("esr9", "amp_cl")] for p in ("node", "plain")}
+    result["cbam_choice"] = {"esr9_div_over_esr9_amp_cl": choice, "faster": min(choice, key=choice.get)}
     inf = inference.main(["--device", device, "--reps", reps, "--name", "gpu_dry_run_inference"])
-    result = {"what": f"CUDA, batch {args.batch}, bf16 autocast where noted", "matmul_bf16_gflops": peak_bf16,
-              "train_rows": rows, "diversity": div["rows"], "inference": inf["rows"],
-              "esr9_div_over_esr9_best_step_time": best["esr9"]["images_per_s"] / best["esr9_div"]["images_per_s"]}
+    result["inference"] = inf["rows"]
+    if args.compile:
+        for name in ("esr9", "esr9_div"):
+            record({"variant": "amp_cl_compile", "cbam_path": "compiled",
+                    **train_step(name, args.batch, args.reps, True, True, True, device)})
+        step = {(r["model"], r["variant"]): r["step_s"] for r in rows}
+        result["cbam_choice"]["esr9_div_over_esr9_compiled"] = \
+            step[("esr9_div", "amp_cl_compile")] / step[("esr9", "amp_cl_compile")]
+    best = {n: max((r for r in rows if r["model"] == n), key=lambda r: r["images_per_s"]) for n in ("esr9", "esr9_div")}
+    result["esr9_div_over_esr9_best_step_time"] = best["esr9"]["images_per_s"] / best["esr9_div"]["images_per_s"]
     if args.dry_run:
         for name in ("gpu_dry_run_diversity", "gpu_dry_run_inference"):
             (C.RESULTS / f"{name}.json").unlink(missing_ok=True)
         print("dry run: every step ran; nothing saved")
     else:
         C.save("gpu", result)
+    print(json.dumps({k: result[k] for k in ("cbam_choice", "esr9_div_over_esr9_best_step_time")}, indent=1))
     return result
 
 

@@ -219,6 +219,10 @@ class RuntimeConfig:
     amp: str = _opt("none", "autocast the training forward pass (the diversity term stays float32; fp16 uses a "
                             "gradient scaler)", choices=AMP_MODES)
     compile: bool = _opt(False, "torch.compile the training forward pass (recompiled when a branch is added)")
+    cbam_path: str = _opt("auto", "how CBAM trains: node (hand-written autograd node), plain (autograd on the plain "
+                                  "formulas) or auto (the measured faster one for the device, "
+                                  "fer_lab.models.cbam.FAST_PATH); same numbers up to round-off",
+                          choices=("auto", "node", "plain"))
     compile_backend: str = _opt("inductor", "torch.compile backend")
     keep_freed_memory: bool = _opt(False, "on a CPU, glibc keeps freed memory for reuse instead of unmapping each "
                                           "large activation: faster steps, more resident memory, process-wide "
@@ -232,6 +236,7 @@ class RuntimeConfig:
         p: list[str] = []
         _positive_int(p, "eval_batch_size", self.eval_batch_size)
         _choice(p, "amp", self.amp, AMP_MODES)
+        _choice(p, "cbam_path", self.cbam_path, ("auto", "node", "plain"))
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             p.append(f"num_workers={self.num_workers!r}: expected an int >= 0")
         return p
@@ -257,7 +262,7 @@ assert not set(FLAT_NAMES) & set(_TOP) and len(FLAT_NAMES) == sum(len(dataclasse
 #: flat names that may differ between an interrupted run and its resumption (where and how it
 #: runs, not what it trains)
 _VOLATILE = {"progress", "device", "num_workers", "figures", "eval_batch_size", "keep_freed_memory", "output_dir",
-             "cache_dir"}
+             "cache_dir", "cbam_path"}
 
 
 @dataclass(init=False)

@@ -35,6 +35,7 @@ from .protocols import Protocol, Stage, make_protocol
 from .data import balanced_subset
 from .data.transforms import batch_transform
 from .models import build_model, build_model_from_config, count_parameters, model_spec, resolve_config
+from .models.cbam import cbam_path
 from .utils import derive_seed, deterministic_mode, flush_denormal, keep_freed_memory, pick_device, set_seed
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig | dict, resume: bool = False, callbacks: Iterable[Cal
     (see :func:`fer_lab.utils.flush_denormal`) hold during the call only.
     """
     cfg = (TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg).resolved()
-    with deterministic_mode(cfg.runtime.deterministic), flush_denormal():
+    with deterministic_mode(cfg.runtime.deterministic), flush_denormal(), cbam_path(cfg.runtime.cbam_path):
         return _train(cfg, resume, list(callbacks))
 
 

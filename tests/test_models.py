@@ -241,6 +241,28 @@ def test_cbam_fast_path_matches_autograd(channels_last):
             torch.testing.assert_close(f, r, atol=1e-6, rtol=1e-6)
 
 
+def test_cbam_path_switch():
+    """cbam_path picks the hand-written node or the plain formulas for training (same numbers);
+    'auto' follows FAST_PATH per device type; inference never records either."""
+    from fer_lab.models import cbam as cb
+
+    torch.manual_seed(0)
+    m = CBAM(16, reduction=4).train()
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    node = m(x)
+    assert type(node[0].grad_fn).__name__ == "_GatingBackward"
+    with cb.cbam_path("plain"):
+        plain = m(x)
+        assert cb.training_path("cuda") == cb.training_path("cpu") == "plain"
+    assert type(plain[0].grad_fn).__name__ != "_GatingBackward"
+    for a, b in zip(node, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert cb.training_path("cpu") == cb.FAST_PATH["cpu"] and cb.training_path("cuda") == cb.FAST_PATH["cuda"]
+    with pytest.raises(ValueError, match="cbam_path='fast'"):
+        with cb.cbam_path("fast"):
+            pass
+
+
 def test_cbam_fast_path_under_flop_counter_and_hooks():
     """Module hooks and FlopCounterMode (whose module tracker hooks every module's inputs)
     work through CBAM's node, and count its gate networks' FLOPs in both directions."""

@@ -18,11 +18,43 @@ through the node is not supported.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
+
+
+#: How a CBAM trains on each device type: ``"node"`` (the hand-written autograd node below) or
+#: ``"plain"`` (the plain formulas, :meth:`CBAM.reference_forward`, differentiated by autograd).
+#: Chosen per measurement: ``bench/train_step.py`` (CPU) and ``bench/gpu.py`` (CUDA), numbers in
+#: ``bench/RESULTS.md``. Same results up to float round-off either way.
+FAST_PATH = {"cpu": "node", "cuda": "node"}
+CBAM_PATHS = ("auto", "node", "plain")
+_PATH = contextvars.ContextVar("cbam_path", default="auto")
+
+
+@contextlib.contextmanager
+def cbam_path(path: str = "auto"):
+    """Within the block, CBAMs train with ``path`` (``"node"``, ``"plain"``, or ``"auto"``:
+    :data:`FAST_PATH` of the input's device type). The training engine sets it from
+    ``runtime.cbam_path``; benchmarks compare the paths with it."""
+    if path not in CBAM_PATHS:
+        raise ValueError(f"cbam_path={path!r}: expected one of {CBAM_PATHS}")
+    token = _PATH.set(path)
+    try:
+        yield
+    finally:
+        _PATH.reset(token)
+
+
+def training_path(device_type: str) -> str:
+    """The path a CBAM on ``device_type`` trains with now (see :func:`cbam_path`)."""
+    path = _PATH.get()
+    return FAST_PATH.get(device_type, "node") if path == "auto" else path
 
 
 def _gating(x: torch.Tensor, module: "CBAM", record: bool):
@@ -208,6 +240,8 @@ class CBAM(nn.Module):
             return self.reference_forward(x)    # dynamo would break the graph at the node's inner autograd
         if not torch.is_grad_enabled():
             return _gating(x, self, record=False)[:3]
+        if training_path(x.device.type) == "plain":
+            return self.reference_forward(x)
         return _Gating.apply(x, self, *self.parameters())
 
     def reference_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
