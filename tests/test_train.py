@@ -69,7 +69,8 @@ def test_run_directory_and_protocol(tiny_cfg):
     h = pd.read_csv(path / "history.csv")
     # growth: 2 epochs with 1 branch, then 1 epoch each with 2 and 3 branches
     assert h["num_branches"].tolist() == [1, 1, 2, 3] and h["stage"].tolist() == [0, 0, 1, 2]
-    assert h.loc[2, "lr_new_branch"] == 0.1 and h.loc[2, "lr_base_old_branches"] == 0.01
+    # later-stage rates follow lr (0.05): the new branch at lr, the rest at lr / 10
+    assert h.loc[2, "lr_new_branch"] == 0.05 and h.loc[2, "lr_base_old_branches"] == pytest.approx(0.005)
     for col in ("train_acc_ensemble", "val_acc_ensemble", "train_acc_branch_3", "val_D_sp", "train_D_ch",
                 "train_gradnorm_D_sp", "train_gradnorm_ce", "val_ce"):
         assert col in h, col

@@ -60,7 +60,8 @@ def test_figures_are_written_in_three_valid_formats(tmp_path, history):
     check_files(viz.save_figure(viz.plot_confusion(np.eye(3) * 5 + 1, ["a", "b", "c"]).figure, tmp_path, "cm"))
     images = np.random.rand(2, 3, 16, 16)
     fig = viz.plot_map_grid(images, np.random.rand(3, 2, 4, 4), ["a", "b"], [0, 1], [[0, 1]] * 3)
-    assert len(fig.axes) == 2 * 4
+    assert len(fig.axes) == 2 * 4 + 1                                   # 2 faces x (image + 3 maps), one colourbar
+    assert len(viz.plot_map_grid(images, np.random.rand(3, 2, 4, 4), colorbar=False).axes) == 2 * 4
     check_files(viz.save_figure(fig, tmp_path, "grid"))
     fig = viz.plot_map_grid(images, {"run A": np.random.rand(2, 4, 4), "run B": np.random.rand(2, 4, 4)})
     check_files(viz.save_figure(fig, tmp_path, "grid_dict"))
