@@ -7,7 +7,9 @@ files), and ``<output_dir>/<name>/summary.csv`` is rewritten as runs finish. Run
 finished are skipped when the batch is started again; a failed run is recorded with its
 error and the batch goes on (a restart retries it, and the training notebooks resume from
 their last checkpoint). Each run is a separate ``papermill`` process on the ``fer_lab``
-kernel, so ``--jobs N`` runs N at once safely.
+kernel, so ``--jobs N`` runs N at once safely. ``--devices 0,1,2,3`` places one run per GPU:
+each run's process sees only its device (``CUDA_VISIBLE_DEVICES``), as many runs at once as
+devices are listed (repeat an id to share a GPU: ``0,0,1,1``; ``cpu`` hides every GPU).
 
 Sweep file::
 
@@ -210,14 +212,27 @@ def check_kernel(name: str = KERNEL) -> None:
                            f"`python -m ipykernel install --sys-prefix --name {name}`")
 
 
+def parse_devices(devices) -> list[str]:
+    """``"0,1"`` or ``[0, 1]`` -> ``["0", "1"]``: GPU indices (``CUDA_VISIBLE_DEVICES`` values) or
+    ``cpu``; one entry per concurrent run (an index may repeat)."""
+    items = [str(d).strip() for d in (devices.split(",") if isinstance(devices, str) else devices)]
+    bad = [d for d in items if not (d.isdigit() or d == "cpu")]
+    if not items or bad:
+        raise ValueError(f"devices={devices!r}: expected GPU indices or 'cpu' separated by commas (e.g. 0,1,2,3), "
+                         f"got {bad or 'nothing'}")
+    return items
+
+
 def execute(notebook: Path, output: Path, parameters: dict, kernel: str = KERNEL, timeout: int = 3600,
-            cwd: Path | None = None, threads: int | None = None, stream: bool = False) -> tuple[bool, str, float]:
+            cwd: Path | None = None, threads: int | None = None, stream: bool = False,
+            device: str | None = None) -> tuple[bool, str, float]:
     """Run ``notebook`` with papermill in a subprocess; returns ``(ok, error, seconds)``.
 
     ``error`` is the notebook's exception (``ValueError: ...``) or the tail of papermill's
     output. ``threads`` caps the kernel's OpenMP/torch threads (for parallel jobs);
     ``stream`` shows papermill's progress and the cells' output on this terminal instead
-    of capturing them (then ``error`` only points to the executed notebook). A notebook with
+    of capturing them (then ``error`` only points to the executed notebook); ``device`` (a
+    GPU index or ``cpu``) is the only device the kernel sees (``CUDA_VISIBLE_DEVICES``). A notebook with
     an ``interactive`` parameter gets ``interactive=False`` unless ``parameters`` set it.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +249,8 @@ def execute(notebook: Path, output: Path, parameters: dict, kernel: str = KERNEL
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=not stream, text=True, env=env)
     seconds = time.perf_counter() - t0
@@ -293,19 +310,32 @@ def select_runs(names: list[str], patterns: list[str] | None) -> set[str]:
     return chosen
 
 
-def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: bool = True,
-              runs: list[str] | None = None) -> Path:
+def run_batch(sweep: Sweep | str | os.PathLike, jobs: int | None = None, retry_failed: bool = True,
+              runs: list[str] | None = None, devices=None) -> Path:
     """Execute every pending grid point of ``sweep``; returns the summary CSV's path.
 
     Finished runs (status ``done``) are skipped; failed ones are retried unless
     ``retry_failed=False``; ``runs`` (shell-style patterns of run names) restricts which
     grid points execute (the others are left as they are). ``summary.csv`` lists every grid
     point with its status, parameters, time, error and, for training notebooks, the selected
-    head's accuracy.
+    head's accuracy. ``devices`` (:func:`parse_devices`): one run per listed device at a time
+    (``jobs`` defaults to their number and may not differ from it).
     """
     sweep = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
-    if jobs < 1:
+    slots = parse_devices(devices) if devices is not None else None
+    if slots is not None and jobs is not None and jobs != len(slots):
+        raise ValueError(f"jobs={jobs} with devices={','.join(slots)}: one run per listed device at a time; "
+                         f"list a device twice to run two runs on it (e.g. {','.join(slots + slots[:1])})")
+    jobs = len(slots) if slots is not None else (1 if jobs is None else jobs)
+    if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: expected an int >= 1")
+    free = None
+    if slots is not None:
+        import queue
+
+        free = queue.Queue()
+        for d in slots:
+            free.put(d)
     sweep.check_required()
     points = sweep.points()
     chosen = select_runs([n for n, _ in points], runs)
@@ -330,11 +360,17 @@ def run_batch(sweep: Sweep | str | os.PathLike, jobs: int = 1, retry_failed: boo
             return
         injected = {**{k: v for k, v in params.items() if not (k == "variant" and sweep.variants)},
                     "output_dir": str(sweep.directory), "run_name": name, "progress": False}
-        write_json(run_dir / STATUS_FILE, {"status": "running", "parameters": injected})
-        ok, error, seconds = execute(sweep.notebook, run_dir / "notebook.ipynb", injected, sweep.kernel,
-                                     sweep.timeout, threads=max(1, (os.cpu_count() or 1) // jobs))
+        device = free.get() if free is not None else None
+        placed = {} if device is None else {"device": device}
+        try:
+            write_json(run_dir / STATUS_FILE, {"status": "running", "parameters": injected, **placed})
+            ok, error, seconds = execute(sweep.notebook, run_dir / "notebook.ipynb", injected, sweep.kernel,
+                                         sweep.timeout, threads=max(1, (os.cpu_count() or 1) // jobs), device=device)
+        finally:
+            if free is not None:
+                free.put(device)
         write_json(run_dir / STATUS_FILE, {"status": "done" if ok else "failed", "parameters": injected,
-                                           "seconds": round(seconds, 1), "error": error})
+                                           "seconds": round(seconds, 1), "error": error, **placed})
         if not ok:
             log.warning("batch %s: %s failed: %s", sweep.name, name, error)
         write_summary()

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -147,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "<output_dir>/<name>/<run>/, keeping summary.csv up to date; finished runs are "
                                     "skipped on restart, failed runs are recorded and the batch goes on.")
     bt.add_argument("sweep", type=Path, help="sweep YAML file (e.g. notebooks/sweeps/table1_esr_synthetic.yaml)")
-    bt.add_argument("--jobs", type=int, default=1, help="runs executed at once")
+    bt.add_argument("--jobs", type=int, default=None, help="runs executed at once (default 1, or one per --devices entry)")
+    bt.add_argument("--devices", default=None, metavar="0,1,...",
+                    help="GPUs to place runs on, one run per listed device at a time (each run sees only its "
+                         "device); repeat an index to share a GPU, 'cpu' for a run without GPU")
     bt.add_argument("--set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                     help="override or add a fixed parameter, e.g. data_root=/data/FERPlus (VALUE parsed as JSON)")
     bt.add_argument("--no-retry", action="store_true", help="skip failed runs too instead of retrying them")
@@ -342,7 +346,8 @@ def run_batch_command(args) -> int:
 
     sweep = load_sweep(args.sweep)
     sweep.fixed.update(absolute_paths(dict(args.set)))
-    summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry, runs=args.runs)
+    summary = run_batch(sweep, jobs=args.jobs, retry_failed=not args.no_retry, runs=args.runs,
+                        devices=args.devices)
     import pandas as pd
 
     table = pd.read_csv(summary)
@@ -409,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cfg = config_from_args(args, sys.argv[1:] if argv is None else argv)
             path = train(cfg, resume=args.resume)
-            print(_summary(path))
+            if os.environ.get("RANK", "0") == "0":     # torchrun: rank 0 speaks for the run
+                print(_summary(path))
             return 0
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -219,6 +219,9 @@ class RuntimeConfig:
     amp: str = _opt("none", "autocast the training forward pass (the diversity term stays float32; fp16 uses a "
                             "gradient scaler)", choices=AMP_MODES)
     compile: bool = _opt(False, "torch.compile the training forward pass (recompiled when a branch is added)")
+    distributed_similarity: str = _opt("global", "under torchrun: the diversity term's S over the global batch "
+                                                 "(learner features all-gathered, the default) or over each rank's "
+                                                 "share (per_rank)", choices=("global", "per_rank"))
     cbam_path: str = _opt("auto", "how CBAM trains: node (hand-written autograd node), plain (autograd on the plain "
                                   "formulas) or auto (the measured faster one for the device, "
                                   "fer_lab.models.cbam.FAST_PATH); same numbers up to round-off",
@@ -237,6 +240,7 @@ class RuntimeConfig:
         _positive_int(p, "eval_batch_size", self.eval_batch_size)
         _choice(p, "amp", self.amp, AMP_MODES)
         _choice(p, "cbam_path", self.cbam_path, ("auto", "node", "plain"))
+        _choice(p, "distributed_similarity", self.distributed_similarity, ("global", "per_rank"))
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             p.append(f"num_workers={self.num_workers!r}: expected an int >= 0")
         return p

@@ -16,6 +16,9 @@ authors' public code leaves the diagonal at zero (``diagonal="reference"``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -331,6 +334,27 @@ def prepare(features: torch.Tensor, normalize: str = "none") -> torch.Tensor:
     if normalize == "l2":
         f = torch.nn.functional.normalize(f.float(), dim=-1, eps=1e-8)
     return f
+
+
+_GATHER: contextvars.ContextVar = contextvars.ContextVar("batch_gather", default=None)
+
+
+@contextlib.contextmanager
+def batch_gather(fn):
+    """Within the block, learner features ``(L, n, ...)`` pass through ``fn`` before any diversity
+    term or diagnostic sees them: distributed training gathers every rank's samples so that ``S``
+    is the mean over the global batch (:meth:`fer_lab.distributed.Dist.gather_batch`)."""
+    token = _GATHER.set(fn)
+    try:
+        yield
+    finally:
+        _GATHER.reset(token)
+
+
+def gather_learners(learner_features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``learner_features`` through the active :func:`batch_gather` (unchanged outside one)."""
+    fn = _GATHER.get()
+    return learner_features if fn is None else {k: fn(v) for k, v in learner_features.items()}
 
 
 def diversity_terms(learner_features: dict[str, torch.Tensor], config: DiversityConfig,

@@ -3,6 +3,8 @@ diagnostics (:class:`EpochMeter`), :func:`run_epoch`, predictions, the confusion
 saturation warning of a diversity term. Record names: :mod:`fer_lab.schema`."""
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Iterable
 
 import numpy as np
@@ -28,6 +30,22 @@ class Callback:
 def _emit(callbacks: Iterable[Callback], hook: str, event: dict) -> None:
     for cb in callbacks:
         getattr(cb, hook, lambda e: None)(event)
+
+
+class EpochLine(Callback):
+    """One line per epoch (visible in papermill's ``--log-output``): the decision head's train
+    and val accuracy, the model's other decision heads, each diversity term's D, the time."""
+
+    def on_epoch_end(self, event):
+        r, head = event["record"], event["model"].main_head
+        others = [h for h in schema.decision_heads(r, "val") if h != head]
+        parts = [f"stage {r['stage'] + 1} epoch {r['epoch'] + 1}", f"train acc ({head}) "
+                 f"{r[schema.col('train', schema.acc(head))]:.3f}", f"val acc {r[schema.col('val', schema.acc(head))]:.3f}"]
+        parts += [f"val {h} {r[schema.col('val', schema.acc(h))]:.3f}" for h in others]
+        # a single learner (ESR's first stage) has no diversity term: its D is NaN, not shown
+        parts += [f"D_{t} {r[schema.col('val', schema.D(t))]:.3f}" for t in schema.terms(r, "val")
+                  if not math.isnan(r[schema.col('val', schema.D(t))])]
+        print(", ".join(parts + [f"{r['time_s']:.0f} s"]), flush=True)
 
 
 class EpochMeter:
@@ -68,6 +86,15 @@ class EpochMeter:
         for head, score in heads.items():
             self._add(schema.acc(head), (score.argmax(dim=1) == hard).float().sum(), 1)
 
+    def reduce(self, dist) -> None:
+        """Sums and counts over every rank of a data-parallel run (similarity matrices and kernel
+        arguments are of the global batch already, the same on every rank)."""
+        keys = sorted(self.sums)
+        device = next(iter(self.sums.values())).device if self.sums else "cpu"
+        n, *sums = dist.sum_([torch.tensor(float(self.n), device=device), *[self.sums[k] for k in keys]])
+        self.n = int(round(float(n)))
+        self.sums = dict(zip(keys, sums))
+
     def result(self) -> tuple[dict, dict]:
         """(scalars averaged over samples, similarity matrices averaged over batches as numpy)."""
         scalars = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
@@ -85,9 +112,10 @@ class EpochMeter:
         return scalars, sims
 
 
-def _grad_norms(model, lo) -> dict[str, float]:
+def _grad_norms(model, lo, dist=None) -> dict[str, float]:
     """Norm of the parameter gradient of the CE part, of each diversity term in the loss and of
-    the whole loss; ``gradshare_D_<t>``: the norm of the term's weighted gradient over the loss's."""
+    the whole loss; ``gradshare_D_<t>``: the norm of the term's weighted gradient over the loss's.
+    Distributed (``dist``): of the gradients averaged over ranks, as the optimiser sees them."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     parts = {"ce": lo.ce_total}
@@ -96,6 +124,9 @@ def _grad_norms(model, lo) -> dict[str, float]:
         parts["total"] = lo.total
     for key, value in parts.items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        if dist is not None and dist.active:
+            grads = [g / dist.world for g in dist.sum_([torch.zeros_like(p) if g is None else g
+                                                        for g, p in zip(grads, params)])]
         sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=value.device))
         out[schema.gradnorm(key)] = float(sq.sqrt())
     weight = getattr(getattr(model, "diversity", None), "weight", 1.0)
@@ -114,13 +145,15 @@ def _input(x: torch.Tensor, device, model) -> torch.Tensor:
 
 
 def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", callbacks=(), event=None,
-              amp: str = "none", forward=None, scaler=None, augment=None):
+              amp: str = "none", forward=None, scaler=None, augment=None, dist=None):
     """One pass over ``loader``; trains when ``optimizer`` is given. Returns ``(scalars, sims)``.
 
     ``amp``: autocast dtype of the forward pass (``none``, ``bf16``, ``fp16``); ``forward``: the
     callable that runs the model (e.g. its ``torch.compile`` version; default the model);
     ``scaler``: a ``torch.amp.GradScaler`` for fp16; ``augment``: a batch augmentation applied
-    to each training batch on the device (:func:`fer_lab.data.transforms.batch_transform`).
+    to each training batch on the device (:func:`fer_lab.data.transforms.batch_transform`);
+    ``dist``: a :class:`fer_lab.distributed.Dist` when training data-parallel (``loader`` yields
+    this rank's share of each batch; see that module for what is global).
     """
     from tqdm.auto import tqdm
 
@@ -131,13 +164,16 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
     extra = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
                               enabled=amp != "none")
-    with torch.set_grad_enabled(training):
+    parallel = training and dist is not None and dist.active
+    gather = dist.training_batch() if parallel else contextlib.nullcontext()
+    with torch.set_grad_enabled(training), gather:
         bar = tqdm(batches(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
                    total=len(loader) if hasattr(loader, "__len__") else None)
         for i, (x, y) in enumerate(bar):
             x = _input(x, device, model)
+            n_global, offset = dist.share(x.shape[0]) if parallel else (x.shape[0], 0)
             if training and augment is not None:
-                x = augment(x)
+                x = augment(x, shard=(offset, n_global)) if parallel else augment(x)
             y = y.to(device, non_blocking=True)
             with autocast:
                 out = forward(x)
@@ -146,19 +182,26 @@ def run_epoch(model, loader, device, optimizer=None, progress=False, desc="", ca
                 if not torch.isfinite(lo.total):
                     raise FloatingPointError(f"{desc}: loss became {float(lo.total)} at batch {i}; "
                                              "lower the learning rate or check the data")
+                step = dist.rescale(lo, x.shape[0], n_global) if parallel else lo
                 if i == 0:
-                    extra = _grad_norms(model, lo)
+                    extra = _grad_norms(model, step, dist)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(lo.total).backward()
+                    scaler.scale(step.total).backward()
+                    if parallel:
+                        dist.average_gradients(model.parameters())
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    lo.total.backward()
+                    step.total.backward()
+                    if parallel:
+                        dist.average_gradients(model.parameters())
                     optimizer.step()
             meter.update(lo, model.heads(out), y)
             if callbacks:
                 _emit(callbacks, "on_batch_end", {**(event or {}), "batch": i, "loss": lo})
+    if parallel:
+        meter.reduce(dist)
     scalars, sims = meter.result()
     scalars.update(extra)
     return scalars, sims

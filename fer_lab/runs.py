@@ -106,6 +106,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def write_similarity(path, history: list[dict], sims: list[dict]) -> Path:
+    """``similarity.npz``: per phase and term, ``(E, L, L)`` epoch-mean matrices (NaN-padded), with
+    each epoch's stage, epoch and branch count from ``history``."""
+    arrays = {"stage": np.array([r["stage"] for r in history]),
+              "epoch": np.array([r["epoch"] for r in history]),
+              "num_branches": np.array([r["num_branches"] or 0 for r in history])}
+    keys = sorted({(ph, k) for e in sims for ph, d in e.items() for k in d})
+    for ph, k in keys:
+        mats = [np.asarray(e[ph][k]) if k in e[ph] else None for e in sims]
+        L = max(m.shape[0] for m in mats if m is not None)
+        stack = np.full((len(mats), L, L), np.nan, dtype=np.float32)
+        for i, m in enumerate(mats):
+            if m is not None:
+                stack[i, :m.shape[0], :m.shape[1]] = m
+        arrays[f"{ph}_S_{k}"] = stack
+    return save_npz(path, **arrays)
+
+
 # ---- environment ------------------------------------------------------------------------
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """Current git commit of the fer_lab checkout (``+dirty`` when it has local changes), or None."""

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import runs, schema
+from . import runs
+from .distributed import Dist, RankSlices, convert_batchnorm, lost_peer
 from .protocols import Protocol, Stage, make_protocol
 from .data import balanced_subset
 from .data.transforms import batch_transform
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 from .config import (AMP_MODES, LR_STEP_AT, MODEL_OPTIONS, OPTIMIZERS, PROTOCOLS, _VOLATILE, TrainConfig,
                      config_from_flat)
 from .data.bundle import DataBundle, build_data, holdout_split
-from .epoch import (SATURATION, Callback, EpochMeter, _emit, confusion_matrix, predict, run_epoch,
+from .epoch import (SATURATION, Callback, EpochLine, EpochMeter, _emit, confusion_matrix, predict, run_epoch,
                     saturation_warnings)
 
 __all__ = ["train", "train_or_resume", "plan_stages", "EpochLine", "TrainConfig", "config_from_flat", "Callback",
@@ -58,8 +59,10 @@ def plan_stages(cfg: TrainConfig, protocol: str | None = None) -> list[Stage]:
 
 
 # ---- the engine ---------------------------------------------------------------------------
-def _place(model, device, cfg: TrainConfig):
-    """Model on ``device``, in channels-last memory format when configured."""
+def _place(model, device, cfg: TrainConfig, dist: Dist | None = None):
+    """Model on ``device``, in channels-last memory format when configured; BatchNorm over the
+    global batch in a data-parallel run."""
+    model = convert_batchnorm(model) if dist is not None and dist.active else model
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if cfg.runtime.channels_last else model
 
@@ -129,22 +132,6 @@ def train_or_resume(cfg: TrainConfig | dict, callbacks: Iterable[Callback] = ())
     return train(cfg, resume=(run_dir / "config.json").exists(), callbacks=callbacks)
 
 
-class EpochLine(Callback):
-    """One line per epoch (visible in papermill's ``--log-output``): the decision head's train
-    and val accuracy, the model's other decision heads, each diversity term's D, the time."""
-
-    def on_epoch_end(self, event):
-        r, head = event["record"], event["model"].main_head
-        others = [h for h in schema.decision_heads(r, "val") if h != head]
-        parts = [f"stage {r['stage'] + 1} epoch {r['epoch'] + 1}", f"train acc ({head}) "
-                 f"{r[schema.col('train', schema.acc(head))]:.3f}", f"val acc {r[schema.col('val', schema.acc(head))]:.3f}"]
-        parts += [f"val {h} {r[schema.col('val', schema.acc(h))]:.3f}" for h in others]
-        # a single learner (ESR's first stage) has no diversity term: its D is NaN, not shown
-        parts += [f"D_{t} {r[schema.col('val', schema.D(t))]:.3f}" for t in schema.terms(r, "val")
-                  if not math.isnan(r[schema.col('val', schema.D(t))])]
-        print(", ".join(parts + [f"{r['time_s']:.0f} s"]), flush=True)
-
-
 def _fresh_model(cfg: TrainConfig, protocol: Protocol):
     """The model a fresh run starts from (the protocol's start configuration), initialised
     from ``cfg.init.weights`` when given. Returns ``(model, load report or None)``."""
@@ -175,6 +162,27 @@ def _as_json(flat: dict) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
+    """``_run`` in this process, or as one rank of a torchrun job (:mod:`fer_lab.distributed`)."""
+    device = pick_device(cfg.runtime.device)
+    dist = Dist.from_env(device.type, cfg.runtime.distributed_similarity)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        with dist.stop_message(Path(cfg.runtime.output_dir) / cfg.run_name):
+            return _run(cfg, resume, callbacks, device, dist)
+    except RuntimeError as err:
+        if dist.active and lost_peer(err):
+            raise RuntimeError(f"rank {dist.rank} of {dist.world} lost the other ranks: another rank failed or was "
+                               f"killed ({str(err).splitlines()[0][:200]}). Finished epochs are kept in "
+                               f"{Path(cfg.runtime.output_dir) / cfg.run_name}; start the same torchrun command with "
+                               "--resume to continue") from err
+        raise
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainConfig, resume: bool, callbacks: list, device: torch.device, dist: Dist) -> Path:
     if resume:
         run = runs.RunDir.open_existing(cfg.runtime.output_dir, cfg.run_name)
         saved = _as_json(TrainConfig.from_dict(runs.read_json(run.config)["train"]).flat())
@@ -185,7 +193,6 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     else:
         run = None
     mcfg, image_size, label_space, protocol_name = _resolve(cfg)
-    device = pick_device(cfg.runtime.device)
     if cfg.runtime.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
     if cfg.runtime.amp == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -206,30 +213,38 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
     # a fresh run builds (and initialises) its model before writing anything, so a bad
     # --init-weights file leaves no half-made run directory behind
     fresh = _fresh_model(cfg, protocol) if not resume else None
-    if run is None:
-        run = runs.RunDir.create(cfg.runtime.output_dir, cfg.run_name)
+    if run is None and dist.main:     # rank 0 writes the run directory; the others open it
+        try:
+            run = runs.RunDir.create(cfg.runtime.output_dir, cfg.run_name)
+        except Exception as err:
+            dist.agree(False, str(err))
+            raise
         runs.write_json(run.config, {"train": cfg.to_dict(), "model": mcfg, "protocol": protocol_name,
                                      "protocol_description": protocol.description,
                                      "stages": [s.to_dict() for s in stages], "preset": _preset_record(cfg),
                                      "image_size": image_size, "label_space": label_space,
-                                     "classes": list(data.classes)})
+                                     "classes": list(data.classes), "world_size": dist.world})
         runs.write_json(run.dataset, data.describe)
-    runs.write_json(run.env, runs.environment(device))
+    dist.agree(True)
+    run = run or runs.RunDir.open_existing(cfg.runtime.output_dir, cfg.run_name)
+    if dist.main:
+        runs.write_json(run.env, runs.environment(device))
 
     # ---- state: fresh or from last.pt ----
     state = {"stage": 0, "epoch": -1, "history": [], "sims": [], "warnings": [], "best_score": -math.inf, "best_epoch": None,
              "elapsed": 0.0}
     ckpt = runs.load_checkpoint(run.last) if resume and run.last.exists() else None
     if ckpt is not None:
-        model = _place(build_model_from_config(ckpt["model_config"]), device, cfg)
+        model = build_model_from_config(ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
+        model = _place(model, device, cfg, dist)
         state.update(ckpt["state"])
         log.info("resuming %s at stage %d after epoch %d", run.path, state["stage"], state["epoch"])
     else:
         model, init_report = fresh or _fresh_model(cfg, protocol)
-        if init_report is not None:
+        if init_report is not None and dist.main:
             runs.write_json(run.path / "init_weights.json", init_report)
-        model = _place(protocol.begin_stage(model, stages[0]), device, cfg)
+        model = _place(protocol.begin_stage(model, stages[0]), device, cfg, dist)
     t_start = time.perf_counter() - state["elapsed"]
     augment = batch_transform(cfg.data.train_transform or model_spec(cfg.model).data.get("train_transform"))
 
@@ -240,7 +255,7 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             best = runs.load_checkpoint(run.stage_best(stage.index - 1))
             model = build_model_from_config(best["model_config"])
             model.load_state_dict(best["model"])
-            model = _place(protocol.begin_stage(model, stage), device, cfg)
+            model = _place(protocol.begin_stage(model, stage), device, cfg, dist)
             state.update(stage=stage.index, epoch=-1, best_score=-math.inf, best_epoch=None)
         optimizer, scheduler = _optimizer(protocol.param_groups(model, stage), cfg)
         forward = torch.compile(model, backend=cfg.runtime.compile_backend) if cfg.runtime.compile else model
@@ -258,6 +273,8 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             eseed = derive_seed(cfg.runtime.seed, "epoch", stage.index, epoch)
             set_seed(eseed)
             train_loader = _loader(data.train, cfg.optim.batch_size, True, eseed, cfg, device, subset)
+            if dist.active:
+                train_loader = RankSlices.shard(train_loader, dist.rank, dist.world)
             val_loader = _loader(data.val, cfg.runtime.eval_batch_size, False, 0, cfg, device)
             if cfg.optim.lr_step_at == "start":
                 _step_before_epoch(scheduler)
@@ -265,7 +282,8 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             event = {"stage": stage.index, "epoch": epoch, "model": model}
             tr, tr_sim = run_epoch(model, train_loader, device, optimizer, cfg.runtime.progress,
                                    f"stage {stage.index + 1}/{len(stages)} epoch {epoch + 1}/{stage.epochs}",
-                                   callbacks, event, amp=cfg.runtime.amp, forward=forward, scaler=scaler, augment=augment)
+                                   callbacks, event, amp=cfg.runtime.amp, forward=forward, scaler=scaler, augment=augment,
+                                   dist=dist)
             if cfg.optim.lr_step_at == "end":
                 scheduler.step()
             va, va_sim = run_epoch(model, val_loader, device, progress=False)
@@ -278,23 +296,31 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: list) -> Path:
             for msg in saturation_warnings(tr, stage.index, epoch, state.setdefault("warnings", [])):
                 log.warning("%s: %s", run.path.name, msg)
             score = va[f"acc_{model.main_head}"]
-            if score > state["best_score"]:
+            best = score > state["best_score"]
+            if best:
                 state.update(best_score=score, best_epoch=epoch)
-                runs.save_checkpoint(run.stage_best(stage.index),
-                                     _checkpoint(model, cfg, stage, epoch, score, meta))
             state.update(stage=stage.index, epoch=epoch, elapsed=time.perf_counter() - t_start)
-            runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score, meta),
-                                            "optimizer": optimizer.state_dict(),
-                                            "scheduler": scheduler.state_dict(), "state": _plain(state),
-                                            "scaler": scaler.state_dict() if scaler is not None else {}})
-            runs.write_csv(run.history, state["history"])
-            _write_similarity(run.similarity, state)
+            if dist.main:
+                if best:
+                    runs.save_checkpoint(run.stage_best(stage.index), _checkpoint(model, cfg, stage, epoch, score, meta))
+                runs.save_checkpoint(run.last, {**_checkpoint(model, cfg, stage, epoch, score, meta),
+                                                "optimizer": optimizer.state_dict(),
+                                                "scheduler": scheduler.state_dict(), "state": _plain(state),
+                                                "scaler": scaler.state_dict() if scaler is not None else {}})
+                runs.write_csv(run.history, state["history"])
+                runs.write_similarity(run.similarity, state["history"], state["sims"])
+            dist.barrier()         # the checkpoints are on disk before any rank reads them
             log.info("stage %d epoch %d: train acc %.4f, val acc %.4f", stage.index, epoch,
                      tr[f"acc_{model.main_head}"], score)
             _emit(callbacks, "on_epoch_end", {**event, "record": record})
         ckpt = None
 
-    return _finish(run, cfg, stages, state, data, device, t_start, callbacks)
+    if not dist.main:
+        dist.barrier()
+        return run.path
+    path = _finish(run, cfg, stages, state, data, device, t_start, callbacks)
+    dist.barrier()
+    return path
 
 
 #: A term is saturated when every off-diagonal of its epoch-mean S is below this and its share of
@@ -319,24 +345,6 @@ def _plain(state: dict) -> dict:
 def _checkpoint(model, cfg, stage, epoch, score, meta) -> dict:
     return {"model": model.state_dict(), "model_config": model.config, "train_config": cfg.to_dict(),
             "stage": stage.index, "epoch": epoch, "val_score": score, "meta": meta}
-
-
-def _write_similarity(path, state) -> None:
-    """``similarity.npz``: per phase and term, ``(E, L, L)`` epoch-mean matrices (NaN-padded)."""
-    sims = state["sims"]
-    arrays = {"stage": np.array([r["stage"] for r in state["history"]]),
-              "epoch": np.array([r["epoch"] for r in state["history"]]),
-              "num_branches": np.array([r["num_branches"] or 0 for r in state["history"]])}
-    keys = sorted({(ph, k) for e in sims for ph, d in e.items() for k in d})
-    for ph, k in keys:
-        mats = [np.asarray(e[ph][k]) if k in e[ph] else None for e in sims]
-        L = max(m.shape[0] for m in mats if m is not None)
-        stack = np.full((len(mats), L, L), np.nan, dtype=np.float32)
-        for i, m in enumerate(mats):
-            if m is not None:
-                stack[i, :m.shape[0], :m.shape[1]] = m
-        arrays[f"{ph}_S_{k}"] = stack
-    runs.save_npz(path, **arrays)
 
 
 def _finish(run, cfg, stages, state, data, device, t_start, callbacks) -> Path:

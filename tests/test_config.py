@@ -22,7 +22,8 @@ EXPECTED_PARTS = {
     "protocol": {"protocol", "epochs", "epochs_later", "lr_new", "lr_old", "subset_per_class", "branch_init"},
     "optim": {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_step", "lr_gamma", "lr_step_at"},
     "runtime": {"output_dir", "cache_dir", "seed", "deterministic", "device", "num_workers", "eval_batch_size",
-                "channels_last", "amp", "compile", "cbam_path", "compile_backend", "keep_freed_memory", "progress",
+                "channels_last", "amp", "compile", "cbam_path", "distributed_similarity", "compile_backend",
+                "keep_freed_memory", "progress",
                 "figures"},
 }
 TOP = {"model", "model_options", "preset", "name"}

@@ -142,10 +142,16 @@ class BatchAffine(nn.Module):
         shift = shift * torch.stack([flip, torch.ones_like(flip)], -1)
         return torch.cat([inv, shift[:, :, None]], -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """``shard=(offset, total)``: ``x`` is rows ``offset..`` of a batch of ``total`` faces split over
+        processes; the parameters of all ``total`` faces are drawn (the same random numbers as one
+        process) and this part's rows used."""
         if not self.training:
             return x
-        theta = self.theta(self.sample(x.shape[0])).to(device=x.device, dtype=torch.float32)
+        params = self.sample(x.shape[0] if shard is None else shard[1])
+        if shard is not None:
+            params = {k: v[shard[0]:shard[0] + x.shape[0]] for k, v in params.items()}
+        theta = self.theta(params).to(device=x.device, dtype=torch.float32)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..diversity import DiversityConfig, diversity_terms, term_diagnostics
+from ..diversity import DiversityConfig, diversity_terms, gather_learners, term_diagnostics
 
 
 @dataclass
@@ -52,6 +52,7 @@ def diversity_loss(features: dict, config: DiversityConfig, monitor: tuple[str, 
     the same quantity.
     """
     ce_total = total
+    features = gather_learners(features)          # the global batch in distributed training
     terms = diversity_terms(features, config) if config.enabled else {}
     for D, _ in terms.values():
         total = total - config.weight * D
