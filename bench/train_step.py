@@ -14,6 +14,7 @@ again side by side (:func:`paired`: the three models' default steps alternated i
 process), which a shared machine's drift cannot bias.
 
     python bench/train_step.py [--models esr9 esr9_att esr9_div] [--variants default nchw bf16 compile fused glibc]
+    python bench/train_step.py --small-widths      # 48 px ESR-4 at widths 0.25 and 0.5 (the ferplus_cpu shape)
 """
 from __future__ import annotations
 
@@ -102,13 +103,20 @@ def one(model_name: str, variant: str, batch: int, reps: int, size: int = 96) ->
     return row
 
 
-def paired(models: tuple, batch: int, reps: int, size: int = 96) -> dict:
+def paired(models: tuple, batch: int, reps: int, size: int = 96, options: dict | None = None,
+           amp: str = "none", path: str = "auto") -> dict:
     """The target's ratio measured side by side: every model built in this one process with
     fer_lab's training defaults (channels-last, :func:`fer_lab.utils.keep_freed_memory`),
     their steps alternated (``A B A B ...``), the ratio taken within each round. On a shared
     machine whose speed drifts by 10-15 % over minutes, separate runs minutes apart can move
     a ratio by that much; alternating steps cancels the drift. ``models``: registered names,
-    or ``(label, name, build options)`` triples; ratios are to the first."""
+    or ``(label, name, build options)`` triples; ratios are to the first. ``options``: build
+    options for every model (e.g. ``width``); ``amp``: ``none`` or ``bf16`` (CPU autocast);
+    ``path``: the CBAMs' training path (:func:`fer_lab.models.cbam.cbam_path`)."""
+    import contextlib
+
+    from fer_lab.models.cbam import cbam_path
+
     keep_freed_memory()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -117,12 +125,14 @@ def paired(models: tuple, batch: int, reps: int, size: int = 96) -> dict:
     steps = {}
     specs = [m if isinstance(m, tuple) else (m, m, {}) for m in models]
     models = [label for label, _, _ in specs]
-    for name, registered, options in specs:
-        model = build_model(registered, input_size=size, **options).to(memory_format=torch.channels_last)
+    for name, registered, own in specs:
+        model = build_model(registered, input_size=size, **{**(options or {}), **own}).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model=model, opt=opt):
-            lo = model.loss(model(x), y)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+            with cbam_path(path), autocast:
+                lo = model.loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             lo.total.backward()
             opt.step()
@@ -143,6 +153,27 @@ def paired(models: tuple, batch: int, reps: int, size: int = 96) -> dict:
             "ratio_max": {m: max(a / b for a, b in zip(times[m], times[first])) for m in models[1:]}}
 
 
+#: the ``ferplus_cpu`` protocol's shape: ESR-4 at 48 px, batch 128, CBAM reduction 4 (uniform init)
+SMALL = dict(size=48, batch=128, options={"num_branches": 4, "cbam_reduction": 4, "cbam_init": "uniform"})
+
+
+def small_widths(reps: int, widths=(0.25, 0.5)) -> dict:
+    """ESR*-4 / ESR-4 (and ESR-4 + CBAM / ESR-4) step-time ratios at small widths, where CBAM's
+    memory-bound passes weigh most against the convolutions: per width, float32 and bf16
+    autocast, CBAM's hand-written node and the plain formulas; each a :func:`paired` run."""
+    rows = []
+    for width in widths:
+        for amp in ("none", "bf16"):
+            for path in ("node", "plain"):
+                r = paired(MODELS, SMALL["batch"], reps, SMALL["size"], {**SMALL["options"], "width": width}, amp, path)
+                rows.append({"width": width, "amp": amp, "cbam_path": path, "step_s": r["step_s"],
+                             "ratio_median": r["ratio_median"], "ratio_max": r["ratio_max"]})
+                print(f"width {width} {amp:4s} {path:5s}", {m: round(v, 3) for m, v in r["step_s"].items()},
+                      {m: round(v, 2) for m, v in r["ratio_median"].items()}, flush=True)
+    return {"what": f"48 px, ESR-4 (4 branches), batch 128, SGD, channels-last; {reps} alternated rounds per row",
+            "target": {"esr9_div_over_esr9": 1.3}, "rows": rows}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -155,6 +186,8 @@ def main(argv=None) -> dict:
                     help="rounds of the side-by-side ESR-9 / ESR-9 + CBAM / ESR*-9 measurement (0: skip it)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     ap.add_argument("--paired-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--small-widths", action="store_true",
+                    help="only the small-width rows (48 px, ESR-4, widths 0.25 and 0.5): bench/results/train_step_small_widths.json")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one(*args.one, args.batch, args.reps)))
@@ -162,6 +195,10 @@ def main(argv=None) -> dict:
     if args.paired_only:
         print(json.dumps(paired(MODELS, args.batch, args.paired_reps)))
         return {}
+    if args.small_widths:
+        result = small_widths(max(3, args.paired_reps // 2))
+        C.save("train_step_small_widths", result)
+        return result
     peak = C.matmul_gflops()
     peak_bf16 = C.matmul_gflops(dtype=torch.bfloat16)
     rows = []

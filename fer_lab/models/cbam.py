@@ -92,6 +92,29 @@ def _sum_hw(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(v.reshape(B, 1, H * W), m.flatten(2).transpose(1, 2)).squeeze(1)
 
 
+def _channels_last(m: torch.Tensor) -> bool:
+    return m.dim() == 4 and m.shape[1] > 1 and m.is_contiguous(memory_format=torch.channels_last)
+
+
+def _sum_c(m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``sum_c m[b, c, h, w] u[b, c]`` as ``(B, H, W)``: a matrix-vector product on the map as it
+    lies in memory (channels-last: ``(B, HW, C) @ u``; NCHW: ``u @ (B, C, HW)``), never a copy of it."""
+    B, C, H, W = m.shape
+    if _channels_last(m):
+        return torch.matmul(m.permute(0, 2, 3, 1).reshape(B, H * W, C), u.unsqueeze(2)).view(B, H, W)
+    return torch.matmul(u.unsqueeze(1), m.flatten(2)).view(B, H, W)
+
+
+def _scatter_channels_(m: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``m[b, index[b, h, w], h, w] += values[b, h, w]`` in place, along the channel dimension as it
+    lies in memory (channels-last: the last dimension of ``(B, H, W, C)``), so that no copy of
+    ``m`` is made (a scatter along a strided dim copies the map in and out)."""
+    if _channels_last(m):
+        m.permute(0, 2, 3, 1).scatter_add_(3, index.unsqueeze(3), values.unsqueeze(3))
+    else:
+        m.scatter_add_(1, index[:, None], values[:, None])
+
+
 def _grad(output: torch.Tensor, inputs: list, grad_output: torch.Tensor) -> list:
     """``torch.autograd.grad`` over the inputs that require it (``None`` for the others)."""
     wanted = [t for t in inputs if t.requires_grad]
@@ -135,7 +158,7 @@ class _Gating(Function):
             # out = x * ca * sa: to ca, sum_hw g x sa; to sa, sum_c g x ca
             buf = g * x     # the only fresh full-size tensor: reused for dx below (fresh pages cost faults)
             d_ca = d_ca + _sum_hw(buf, sa)
-            d_sa_out = torch.matmul(ca.unsqueeze(1), buf.flatten(2)).view(B, H, W)     # sum over C
+            d_sa_out = _sum_c(buf, ca)
             d_sa = d_sa_out if d_sa is None else d_sa + d_sa_out
         d_smax = d_smean = None
         d_spatial = [None] * len(spatial_params)
@@ -149,13 +172,18 @@ class _Gating(Function):
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = ca (g sa + d_smean / C) + d_avg / HW, plus the two max-pool scatters
-            dx = torch.zeros_like(x) if g is None else torch.mul(g, sa[:, None], out=buf)
-            if d_smean is not None:
-                dx.add_(d_smean[:, None])
+            if g is None:
+                dx = torch.zeros_like(x)
+                if d_smean is not None:
+                    dx.add_(d_smean[:, None])
+            elif d_smean is not None:
+                dx = torch.addcmul(d_smean[:, None], g, sa[:, None], out=buf)     # one pass: g sa + d_smean / C
+            else:
+                dx = torch.mul(g, sa[:, None], out=buf)
             torch.addcmul((d_avg.to(x.dtype) / (H * W))[:, :, None, None], dx, ca[:, :, None, None], out=dx)
             if d_smax is not None:
                 at_max = ca.gather(1, idx_c.flatten(1)).view(B, H, W) * d_smax
-                dx.scatter_add_(1, idx_c[:, None], at_max[:, None])
+                _scatter_channels_(dx, idx_c, at_max)
             # view, not flatten: a copy would silently drop the scatter (NCHW and NHWC both view)
             dx.view(B, C, H * W).scatter_add_(2, idx_hw.unsqueeze(2), d_max.to(x.dtype).unsqueeze(2))
         return (dx, None, *d_channel, *d_spatial)
