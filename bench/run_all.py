@@ -90,13 +90,19 @@ def report() -> str:
                          "x ESR-4", "worst round"], rows)
         lines += ["The hand-written node beats the plain formulas in every row (so `FAST_PATH['cpu']` stays "
                   "`node`); the diversity term itself costs nothing visible (ESR*-4 = ESR-4 + CBAM). At width "
-                  "0.5 in float32 ESR*-4 is within the target; at width 0.25 and under bf16 autocast it is not. "
-                  "What is left is CBAM's channel max with its argmax: PyTorch's CPU reduction over a short "
-                  "dimension (C = 16-128) runs at about 36 ns per element, 10-40x a multiply's, and is 8 % of an "
-                  "ESR*-4 bf16 step; bf16 elementwise passes are slower than float32 ones on this CPU while bf16 "
-                  "makes the convolutions 2-3x faster, so the share of CBAM's memory-bound passes grows "
-                  "under bf16. Closing the gap needs fused kernels (a C++ or compiled CBAM), not more reordering "
-                  "of eager operations.", ""]
+                  "0.5 ESR*-4 is within the target in float32 and under bf16 autocast; at width 0.25 it is not. "
+                  "Under bf16 two PyTorch CPU paths made CBAM's backward slow and are now avoided: a "
+                  "`scatter_add_` into a bf16 map copies the whole map in and out (now one `index_add_` on the "
+                  "map's flat memory), and an elementwise op that broadcasts a (B, H, W) map along channels-last's "
+                  "C leaves the vectorised loop when C fills less than a SIMD register (bf16 with C = 16; "
+                  "the spatial operand is now written out at full size there, and `g sa + d_smean` is two "
+                  "binary ops instead of an `addcmul`, which is never vectorised for that broadcast): one CBAM "
+                  "at 16 x 48 x 48 went from 80 to 58 ms per training step (1 thread, old and new alternated), "
+                  "float32 unchanged. What is left at width 0.25 is CBAM's channel max with its argmax (PyTorch's "
+                  "CPU reduction over a short innermost dimension, about 11 ms for the 48 px map where a "
+                  "multiply takes 1) and the spatial gate's 7x7 2 -> 1 convolution (oneDNN with one output "
+                  "channel: 27 ms forward + backward at 48 px in float32); closing that gap needs fused kernels "
+                  "(a C++ or compiled CBAM), not more reordering of eager operations.", ""]
     cp = C.load("cbam_position")
     if cp:
         lines += ["## CBAM after or before the pooling (ESR*, training step)", "",

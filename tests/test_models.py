@@ -301,3 +301,61 @@ def test_cbam_fast_path_partial_gradients():
                 assert gf is None
             else:
                 torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cbam_fast_path_few_channels(dtype):
+    """With fewer channels than a SIMD register holds (channels-last), the node writes the spatial
+    operands out at full size instead of broadcasting them, and adds the two max-pool gradients
+    by index on the map's flat memory: gradcheck in float64 (4 channels); in bf16 (8 channels)
+    the node's gradients are as close to the plain formulas' in float64, from the same input,
+    as autograd's in bf16 are."""
+    from fer_lab.models.cbam import _VECTOR_BYTES, _Gating, _over_channels
+
+    torch.manual_seed(7)
+    cl = torch.channels_last
+    if dtype == torch.float64:
+        cbam = CBAM(4, reduction=2).double().train()
+        x = torch.randn(2, 4, 5, 3, dtype=dtype).contiguous(memory_format=cl).requires_grad_()
+        assert 4 * 8 < _VECTOR_BYTES and _over_channels(x[:, 0].detach(), x).stride()[1] == 1   # written out
+        assert torch.autograd.gradcheck(lambda x, *p: _Gating.apply(x, cbam, *p), (x, *cbam.parameters()))
+        return
+    # 8 channels (16 bytes a position); values 4^k (1 + u / 10) with k a permutation of the channels
+    # at every position: no two channels within a factor 1.5 of each other after the channel gate,
+    # so the channel argmax is the same in bf16 and float64 and the comparison is not about ties
+    cbam = CBAM(8, reduction=2).train()
+    k = torch.argsort(torch.rand(4, 10, 10, 8), dim=-1).permute(0, 3, 1, 2).double()
+    inp = (4.0 ** (k - 4) * (1 + torch.rand(k.shape, dtype=torch.float64) / 10)).to(dtype).contiguous(memory_format=cl)
+
+    def grads(fn, amp):
+        cbam.zero_grad()
+        leaf = (inp if amp else inp.double()).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            outs = fn(leaf)
+        # weights that reach every path: refined map, both maps (the spatial map through smax/smean)
+        sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+            for o in outs).backward()
+        return [leaf.grad.double()] + [p.grad.double().clone() for p in cbam.parameters()]
+
+    node, plain = grads(cbam, True), grads(cbam.reference_forward, True)
+    cbam.double()
+    truth = grads(cbam.reference_forward, False)        # the plain formulas in float64, same input
+    assert node[0].dtype == torch.float64 and inp.requires_grad is False
+    for n, p, t in zip(node, plain, truth):
+        err_node, err_plain = (n - t).abs().max().item(), (p - t).abs().max().item()
+        assert err_node <= 2 * err_plain + 1e-3 * t.abs().max().item(), (err_node, err_plain)
+
+
+def test_cbam_add_at_any_dense_layout():
+    """The index-add of the backward works on any dense memory order (not only NCHW and
+    channels-last), sums repeated positions, and refuses a strided view."""
+    from fer_lab.models.cbam import _add_at_
+
+    m = torch.zeros(2, 3, 4, 5).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)   # (B, H, C, W) memory
+    b, c, h, w = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 0]), torch.tensor([3, 1, 1]), torch.tensor([4, 0, 0])
+    _add_at_(m, b, c, h, w, torch.tensor([1.0, 2.0, 3.0]))
+    expected = torch.zeros(2, 3, 4, 5)
+    expected[0, 2, 3, 4], expected[1, 0, 1, 0] = 1.0, 5.0
+    assert torch.equal(m, expected)
+    with pytest.raises(RuntimeError, match="dense"):
+        _add_at_(torch.zeros(2, 3, 4, 10)[..., ::2], b, c, h, w, torch.ones(3))

@@ -77,7 +77,7 @@ def _gating(x: torch.Tensor, module: "CBAM", record: bool):
     with torch.set_grad_enabled(record):
         sa_graph = module.spatial_gate.gate(*stats)
     sa = sa_graph.detach()
-    out.mul_(sa.to(x.dtype)[:, None])      # x * ca scaled in place: no second product with x
+    out.mul_(_over_channels(sa, out))      # x * ca scaled in place: no second product with x
     state = (idx_hw.flatten(1), idx_c, ca_graph, pooled, sa_graph, stats) if record else None
     return out, ca, sa, state
 
@@ -105,14 +105,39 @@ def _sum_c(m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.matmul(u.unsqueeze(1), m.flatten(2)).view(B, H, W)
 
 
-def _scatter_channels_(m: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """``m[b, index[b, h, w], h, w] += values[b, h, w]`` in place, along the channel dimension as it
-    lies in memory (channels-last: the last dimension of ``(B, H, W, C)``), so that no copy of
-    ``m`` is made (a scatter along a strided dim copies the map in and out)."""
-    if _channels_last(m):
-        m.permute(0, 2, 3, 1).scatter_add_(3, index.unsqueeze(3), values.unsqueeze(3))
-    else:
-        m.scatter_add_(1, index[:, None], values[:, None])
+#: bytes in one SIMD register of this CPU: a binary op that broadcasts along the innermost dim
+#: stays vectorised only when that dim fills a register
+_VECTOR_BYTES = 64 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
+
+
+def _over_channels(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``v`` ``(B, H, W)`` as the operand of an elementwise op with the map ``m`` ``(B, C, H, W)``:
+    the broadcast view ``v[:, None]``, or, where that broadcast leaves the vectorised loop (a CPU
+    map in channels-last whose C channels fill less than a SIMD register, e.g. bf16 with C = 16:
+    3-4x slower), ``v`` written out at ``m``'s full size (one cheap pass)."""
+    b = v.to(m.dtype)[:, None]
+    if m.device.type == "cpu" and _channels_last(m) and m.shape[1] * m.element_size() < _VECTOR_BYTES:
+        return b.expand(m.shape).contiguous(memory_format=torch.channels_last)
+    return b
+
+
+def _flat(m: torch.Tensor) -> torch.Tensor:
+    """``m``'s elements as the 1-D view of its memory; ``m`` must be dense (any dim order)."""
+    expect = 1
+    for stride, size in sorted((st, n) for st, n in zip(m.stride(), m.shape) if n > 1):
+        if stride != expect:
+            raise RuntimeError(f"CBAM backward: expected a dense map, got strides {m.stride()} for shape {tuple(m.shape)}")
+        expect *= size
+    return m.as_strided((m.numel(),), (1,), m.storage_offset())
+
+
+def _add_at_(m: torch.Tensor, b, c, h, w, values: torch.Tensor) -> None:
+    """``m[b, c, h, w] += values`` in place for index tensors ``b, c, h, w`` (broadcast together),
+    repeated positions summed: one ``index_add_`` on the flat memory of ``m``. A ``scatter_add_``
+    along a dim copies the whole map in and out where that dim is strided, or the dtype bf16."""
+    sb, sc, sh, sw = m.stride()
+    offset = b * sb + c * sc + h * sh + w * sw
+    _flat(m).index_add_(0, offset.flatten(), values.expand(offset.shape).flatten())
 
 
 def _grad(output: torch.Tensor, inputs: list, grad_output: torch.Tensor) -> list:
@@ -156,7 +181,8 @@ class _Gating(Function):
         d_sa, buf = g_sa, None
         if g is not None:
             # out = x * ca * sa: to ca, sum_hw g x sa; to sa, sum_c g x ca
-            buf = g * x     # the only fresh full-size tensor: reused for dx below (fresh pages cost faults)
+            # the only fresh full-size tensor (laid out as x): reused for dx below (fresh pages cost faults)
+            buf = torch.mul(g, x, out=torch.empty_like(x))
             d_ca = d_ca + _sum_hw(buf, sa)
             d_sa_out = _sum_c(buf, ca)
             d_sa = d_sa_out if d_sa is None else d_sa + d_sa_out
@@ -171,21 +197,19 @@ class _Gating(Function):
         d_avg, d_max, *d_channel = _grad(ca_graph, pooled + list(channel_params), d_ca)
         dx = None
         if ctx.needs_input_grad[0]:
-            # dx = ca (g sa + d_smean / C) + d_avg / HW, plus the two max-pool scatters
-            if g is None:
-                dx = torch.zeros_like(x)
-                if d_smean is not None:
-                    dx.add_(d_smean[:, None])
-            elif d_smean is not None:
-                dx = torch.addcmul(d_smean[:, None], g, sa[:, None], out=buf)     # one pass: g sa + d_smean / C
-            else:
-                dx = torch.mul(g, sa[:, None], out=buf)
+            # dx = ca (g sa + d_smean / C) + d_avg / HW, plus the two max-pool scatters; g sa and
+            # + d_smean as two binary ops: a ternary addcmul broadcasting along channels-last's C is
+            # not vectorised (3x slower than the pair, bench/train_step.py --small-widths)
+            dx = torch.zeros_like(x) if g is None else torch.mul(g, _over_channels(sa, x), out=buf)
+            if d_smean is not None:
+                dx.add_(_over_channels(d_smean, dx))
             torch.addcmul((d_avg.to(x.dtype) / (H * W))[:, :, None, None], dx, ca[:, :, None, None], out=dx)
+            b = torch.arange(B, device=x.device)
             if d_smax is not None:
                 at_max = ca.gather(1, idx_c.flatten(1)).view(B, H, W) * d_smax
-                _scatter_channels_(dx, idx_c, at_max)
-            # view, not flatten: a copy would silently drop the scatter (NCHW and NHWC both view)
-            dx.view(B, C, H * W).scatter_add_(2, idx_hw.unsqueeze(2), d_max.to(x.dtype).unsqueeze(2))
+                hw = torch.arange(H * W, device=x.device).view(H, W)
+                _add_at_(dx, b[:, None, None], idx_c, hw // W, hw % W, at_max)
+            _add_at_(dx, b[:, None], torch.arange(C, device=x.device), idx_hw // W, idx_hw % W, d_max.to(x.dtype))
         return (dx, None, *d_channel, *d_spatial)
 
 
