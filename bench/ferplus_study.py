@@ -117,7 +117,7 @@ def markdown(result: dict) -> str:
     from fer_lab.report import study_markdown
 
     return "\n".join([study_markdown(result["variants"]), "",
-                      "Kernel arguments, S and gradient share: last epoch, training split; ESR-4 (no CBAM) monitors "
+                      "Kernel arguments and S: last epoch, training split; gradient share: first batch of the last epoch; ESR-4 (no CBAM) monitors "
                       "its pooled feature maps, the others the last CBAM's maps; a term not in the loss has no "
                       "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches."])
 
@@ -157,7 +157,7 @@ def figures(result: dict, docs: Path) -> list[Path]:
     axes[1].set_ylim(viz.LOG_FLOOR / 2, 1.5)
     for ax, title in zip(axes, ("median kernel argument, spatial term\n(grey: 0.1-10, where exp(-x) is neither ~1 nor ~0)",
                                 "mean off-diagonal of S, spatial",
-                                "share of the loss gradient, spatial term")):
+                                "share of the loss gradient, spatial term\n(first batch of each epoch)")):
         ax.set_yscale("log")
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("epoch")

@@ -197,7 +197,7 @@ def plot_diversity_diagnostics(history, terms: Sequence[str] | None = None, phas
         share = history.get(schema.col("train", schema.gradshare(t)))
         if share is not None:
             axes[2].plot(x, np.clip(share, LOG_FLOOR, None), color=color, marker="o", ms=2.5, label=name)
-    titles = ("kernel argument gamma d^2 (median, 5-95 %)", "mean off-diagonal of S", "share of the loss gradient")
+    titles = ("kernel argument gamma d^2 (median, 5-95 %)", "mean off-diagonal of S", "share of the loss gradient (first batch)")
     for ax, title in zip(axes, titles):
         ax.set_yscale("log")
         ax.set_title(title, fontsize=8)
