@@ -36,6 +36,12 @@ BATCH = REPO / "outputs" / "batches" / "study-ferplus-cpu"
 ORDER = ["esr4", "esr4_att", "esr4_div", "esr4_div_median", "esr4_div_zero"]
 LABELS = {"esr4": "ESR-4", "esr4_att": "ESR-4 + CBAM", "esr4_div": "ESR*-4, gamma 10",
           "esr4_div_median": "ESR*-4, gamma median", "esr4_div_zero": "ESR*-4, gamma 10, zero diagonal"}
+#: the differences the study asks about (Welch tests over seeds): CBAM's cost, each diversity term
+#: against the same model without it, the paper's term against the public code's zero diagonal and
+#: against the calibrated bandwidth
+PAIRS = [("esr4_att", "esr4"), ("esr4_div", "esr4_att"), ("esr4_div_median", "esr4_att"),
+         ("esr4_div_zero", "esr4_att"), ("esr4_div", "esr4_div_zero"), ("esr4_div", "esr4_div_median"),
+         ("esr4_div", "esr4")]
 
 
 SWEEP = REPO / "notebooks" / "sweeps" / "study_ferplus_cpu.yaml"
@@ -96,6 +102,16 @@ def collect(batch: Path, previous: dict | None) -> dict[str, list]:
     return {v: sorted(r.values(), key=lambda x: x["seed"]) for v, r in runs.items()}
 
 
+def fresh(batch: Path) -> bool:
+    """Whether the batch directory holds a finished run (else every record comes from the saved JSON)."""
+    import pandas as pd
+
+    if not (batch / "summary.csv").is_file():
+        return False
+    return any(r.status == "done" and (batch / r.run / "metrics.json").is_file()
+               for r in pd.read_csv(batch / "summary.csv").itertuples())
+
+
 def todo(recorded: dict[str, list]) -> list[str]:
     """Runs of the study sweep with no record under the current protocol."""
     from fer_lab.batch import load_sweep
@@ -105,21 +121,28 @@ def todo(recorded: dict[str, list]) -> list[str]:
 
 
 def summarise(runs: dict[str, list], batch: Path) -> dict:
-    from fer_lab.report import study_summary
+    from fer_lab.report import study_comparisons, study_summary
 
     ordered = {v: runs[v] for v in [v for v in ORDER if v in runs] + sorted(set(runs) - set(ORDER))}
+    variants = study_summary(ordered, LABELS)
     return {"what": "FER+ (majority labels), ferplus_cpu protocol, selected on a 10 % hold-out of FER2013Train, "
-                    "FER2013Valid reported; mean, sd (ddof 1) and n over seeds", "batch": str(batch),
-            "protocol": current_fingerprint(), "variants": study_summary(ordered, LABELS), "todo": todo(runs)}
+                    "FER2013Valid reported; mean, sd (ddof 1) and n over seeds; comparisons: Welch t-tests over "
+                    "seeds, two-sided p, uncorrected (Bonferroni threshold 0.05 / number of pairs)",
+            "batch": str(batch), "protocol": current_fingerprint(), "variants": variants,
+            "comparisons": study_comparisons(variants, PAIRS), "todo": todo(runs)}
 
 
 def markdown(result: dict) -> str:
-    from fer_lab.report import study_markdown
+    from fer_lab.report import comparisons_markdown, study_markdown
 
+    n = len(result.get("comparisons", []))
     return "\n".join([study_markdown(result["variants"]), "",
                       "Kernel arguments and S: last epoch, training split; gradient share: first batch of the last epoch; ESR-4 (no CBAM) monitors "
                       "its pooled feature maps, the others the last CBAM's maps; a term not in the loss has no "
-                      "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches."])
+                      "gradient share. Disagreement and overlap: FER2013Valid, pairs of branches.", "",
+                      comparisons_markdown(result.get("comparisons", [])), "",
+                      f"Welch t-tests over seeds (df by Welch-Satterthwaite), two-sided p, uncorrected; with {n} "
+                      f"comparisons the Bonferroni threshold for 5 % is p < {0.05 / max(n, 1):.3f}."])
 
 
 def figures(result: dict, docs: Path) -> list[Path]:
@@ -183,6 +206,9 @@ def main(argv=None) -> int:
         print(f"no finished run in {args.batch} nor in {saved}: run the study sweep first", file=sys.stderr)
         return 1
     result = summarise(runs, args.batch)
+    if previous and not fresh(args.batch):
+        # every record is the saved one: keep where and from which batch it was trained
+        result.update({k: previous[k] for k in ("machine", "batch") if k in previous})
     C.save("ferplus_study", result)
     figures(result, REPO / "docs")
     print(markdown(result))

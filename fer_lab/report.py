@@ -5,10 +5,12 @@ run; ``table1`` aggregates them over seeds (mean, standard deviation, count) wit
 model variant and columns = dataset, and places the published single-run accuracies of
 SPEC section 6 beside them. ``run_diagnostics``, ``study_summary`` and ``study_markdown``
 report what the learners did in a diversity study (the diagnostics of the last epoch, the
-branches' disagreement and overlap), over seeds. No training or plotting here.
+branches' disagreement and overlap), over seeds; ``welch_test`` and ``study_comparisons`` say
+whether two variants' means differ by more than seed noise. No training or plotting here.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -265,4 +267,83 @@ def study_markdown(summary: dict) -> str:
                      f"{_pm(s.get('train_time_s'), 1, 0)}{_fastest(s.get('train_time_s'))} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
                      f"{_sci(s.get('gradshare_sp'))} | {_pm(s.get('disagreement_mean'))} | "
                      f"{_pm(s.get('overlap_attention_mean'), 1, 3)} | {_pm(s.get('overlap_features_mean'), 1, 3)} |")
+    return "\n".join(lines)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):               # the fraction converges fast below this point
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = (m * (b - m) * x) / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t with ``df`` (real, > 0) degrees of freedom."""
+    if not df > 0:
+        raise ValueError(f"t_two_sided_p: df must be > 0, got {df}")
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def welch_test(a, b) -> dict:
+    """Welch's unequal-variance t-test of mean(a) - mean(b): ``{"diff", "t", "df", "p", "n_a", "n_b"}``
+    (two-sided p; df by Welch-Satterthwaite). ``t``, ``df`` and ``p`` are None with fewer than two
+    values on a side (no variance), or when both sides have zero variance."""
+    a, b = (np.array([x for x in v if x is not None and np.isfinite(x)], dtype=float) for v in (a, b))
+    out = {"diff": float(a.mean() - b.mean()) if a.size and b.size else None, "t": None, "df": None, "p": None,
+           "n_a": int(a.size), "n_b": int(b.size)}
+    if a.size < 2 or b.size < 2:
+        return out
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    if va + vb == 0:
+        return out
+    out["t"] = float(out["diff"] / math.sqrt(va + vb))
+    out["df"] = float((va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)))
+    out["p"] = t_two_sided_p(out["t"], out["df"])
+    return out
+
+
+def study_comparisons(summary: dict, pairs, metrics=("valid_acc_vote", "valid_acc_softmax_mean")) -> list[dict]:
+    """Welch tests between variants of :func:`study_summary`: one row per ``(a, b)`` pair present in
+    ``summary``, ``{"a", "b", "label", <metric>: welch_test}`` over the seeds' values. With several
+    pairs, read the p-values against a corrected threshold (Bonferroni: 0.05 / number of pairs)."""
+    rows = []
+    for a, b in pairs:
+        if a in summary and b in summary:
+            vals = lambda v, m: [r.get(m) for r in summary[v]["runs"]]
+            rows.append({"a": a, "b": b, "label": f"{summary[a]['label']} - {summary[b]['label']}",
+                         **{m: welch_test(vals(a, m), vals(b, m)) for m in metrics}})
+    return rows
+
+
+def comparisons_markdown(rows: list[dict], metrics=("valid_acc_vote", "valid_acc_softmax_mean")) -> str:
+    """The comparisons as a table: difference in points, Welch t, df and two-sided p per metric."""
+    names = {"valid_acc_vote": "vote", "valid_acc_softmax_mean": "softmax mean"}
+    head = "| difference | " + " | ".join(f"{names.get(m, m)}: points, t (df), p" for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (1 + len(metrics))]
+    for r in rows:
+        cells = []
+        for m in metrics:
+            w = r[m]
+            diff = "-" if w["diff"] is None else f"{100 * w['diff']:+.1f}"
+            cells.append(diff if w["t"] is None else f"{diff}, t = {w['t']:.2f} ({w['df']:.1f}), p = {w['p']:.3f}")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
