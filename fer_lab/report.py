@@ -153,10 +153,16 @@ def table1(runs: "pd.DataFrame", metric: str = "test_acc", published: bool = Tru
     return table
 
 
+def _md(text: str) -> str:
+    """A label as Markdown text: ``*`` (ESR*-4) escaped so two labels do not italicise what lies between."""
+    return text.replace("*", "\\*")
+
+
 def markdown_table(table: "pd.DataFrame") -> str:  # noqa: F821
-    """A pipe table of ``table`` (index as the first column), without optional dependencies."""
-    cols = [table.index.name or ""] + [str(c) for c in table.columns]
-    fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)  # noqa: E731
+    """A pipe table of ``table`` (index as the first column), without optional dependencies; ``*``
+    is escaped (ESR*-9 would italicise the cells up to the next one)."""
+    cols = [_md(table.index.name or "")] + [_md(str(c)) for c in table.columns]
+    fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else _md(str(v))  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join([fmt(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(table.index, table.values)]
     return "\n".join(lines) + "\n"
@@ -262,7 +268,7 @@ def study_markdown(summary: dict) -> str:
              "feature-map overlap |", "|" + "---|" * 12]
     for s in summary.values():
         karg = f"{_sci(s.get('karg_median_sp'))} / {_sci(s.get('karg_median_ch'))}" if "karg_median_sp" in s else "-"
-        lines.append(f"| {s['label']} | {len(s['runs'])} | {_pm(s.get('valid_acc_vote'))} | "
+        lines.append(f"| {_md(s['label'])} | {len(s['runs'])} | {_pm(s.get('valid_acc_vote'))} | "
                      f"{_pm(s.get('valid_acc_softmax_mean'))} | {_pm(s.get('holdout_acc'))} | "
                      f"{_pm(s.get('train_time_s'), 1, 0)}{_fastest(s.get('train_time_s'))} | {karg} | {_sci(s.get('S_offdiag_sp'))} | "
                      f"{_sci(s.get('gradshare_sp'))} | {_pm(s.get('disagreement_mean'))} | "
@@ -345,5 +351,5 @@ def comparisons_markdown(rows: list[dict], metrics=("valid_acc_vote", "valid_acc
             w = r[m]
             diff = "-" if w["diff"] is None else f"{100 * w['diff']:+.1f}"
             cells.append(diff if w["t"] is None else f"{diff}, t = {w['t']:.2f} ({w['df']:.1f}), p = {w['p']:.3f}")
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md(r['label'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -71,10 +71,10 @@ def test_welch_test_by_hand():
 def test_study_comparisons_table():
     recs = {"a": [_rec(0, 0.80, 1.0), _rec(1, 0.82, 1.0), _rec(2, 0.84, 1.0)],
             "b": [_rec(0, 0.70, 1.0), _rec(1, 0.71, 1.0), _rec(2, 0.75, 1.0)]}
-    rows = study_comparisons(study_summary(recs, {"a": "A", "b": "B"}), [("a", "b"), ("a", "missing")])
-    assert len(rows) == 1 and rows[0]["label"] == "A - B"
+    rows = study_comparisons(study_summary(recs, {"a": "A*", "b": "B*"}), [("a", "b"), ("a", "missing")])
+    assert len(rows) == 1 and rows[0]["label"] == "A* - B*"
     w = welch_test([0.80, 0.82, 0.84], [0.70, 0.71, 0.75])
     assert rows[0]["valid_acc_vote"] == w
     table = comparisons_markdown(rows).splitlines()
     assert len(table) == 3
-    assert table[2].startswith(f"| A - B | +{100 * w['diff']:.1f}, t = {w['t']:.2f} ({w['df']:.1f}), p = {w['p']:.3f} |")
+    assert table[2].startswith(f"| A\\* - B\\* | +{100 * w['diff']:.1f}, t = {w['t']:.2f} ({w['df']:.1f}), p = {w['p']:.3f} |")

@@ -115,6 +115,7 @@ def test_table1_layout():
     assert t.loc["ESR-9", "RAF-DB"] == ""
     md = markdown_table(t)
     assert md.splitlines()[0].startswith("| variant | FER+ |") and len(md.splitlines()) == 4
+    assert md.splitlines()[3].startswith("| ESR\\*-9 (+ spatial + channel div) | 89.00 ± 1.41 (n=2) |")
     # runs that change the diversity term form their own rows, without a published number
     from fer_lab.report import _variant
 
