@@ -9,10 +9,13 @@ parameters, 48 px, the whole training set, Adam, flips and small shifts) trained
 wall-clock budget (``--budget-s``, 360 s) on the same split; it is written here, outside the
 package, on purpose. The other entries are fer_lab runs (``fer_lab.train``) whose settings are
 the preset with one change each. Results are merged into ``bench/results/ferplus_cpu.json``
-as each entry finishes (rerun to resume; ``--force`` re-measures).
+as each entry finishes (rerun to resume; ``--force`` re-measures). ``--seeds`` measures more
+seeds: seed 0 is stored under the entry's name, seed k under ``<entry>-s<k>``, and ``over_seeds``
+holds mean, sd (ddof 1) and n of accuracy and training time per entry measured with several seeds.
 
     python bench/ferplus_cpu.py                           # every entry not measured yet
     python bench/ferplus_cpu.py --entries plain_cnn esr4 esr4_div
+    python bench/ferplus_cpu.py --entries esr4 esr4_div --seeds 1 2
 """
 from __future__ import annotations
 
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--entries", nargs="*", default=["plain_cnn", *ENTRIES])
     ap.add_argument("--budget-s", type=float, default=360.0, help="plain CNN: seconds of training")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to measure (default 0)")
     ap.add_argument("--force", action="store_true", help="measure entries that are already in the results")
     args = ap.parse_args(argv)
     if not ARCHIVE.is_file() and not ROOT.is_dir():
@@ -159,17 +162,49 @@ def main(argv=None) -> int:
         unpack_once(ARCHIVE, ROOT)
     results = C.load("ferplus_cpu") or {"what": __doc__.split("\n")[0], "entries": {}}
     results.pop("machine", None)
+    unknown = [n for n in args.entries if n != "plain_cnn" and n not in ENTRIES]
+    if unknown:
+        ap.error(f"unknown entries {unknown}: expected plain_cnn or one of {sorted(ENTRIES)}")
     for name in args.entries:
-        if name in results["entries"] and not args.force:
-            print(f"{name}: measured already (--force to redo)")
-            continue
-        r = run_plain_cnn(args.budget_s, args.seed) if name == "plain_cnn" else run_entry(name, args.seed)
-        r["machine"] = C.machine()
-        results["entries"][name] = r
-        C.save("ferplus_cpu", results)
-        print(f"{name}: FER2013Valid {r['ferplus_valid_acc']:.4f} (hold-out {r['val_acc']:.4f}), "
-              f"{r['train_time_s']:.0f} s of training, {r['epochs']} epochs", flush=True)
+        for seed in args.seeds:
+            key = entry_key(name, seed)
+            if key in results["entries"] and not args.force:
+                print(f"{key}: measured already (--force to redo)")
+                continue
+            r = run_plain_cnn(args.budget_s, seed) if name == "plain_cnn" else run_entry(name, seed)
+            r["seed"], r["machine"] = seed, C.machine()
+            results["entries"][key] = r
+            results["over_seeds"] = over_seeds(results["entries"])
+            C.save("ferplus_cpu", results)
+            print(f"{key}: FER2013Valid {r['ferplus_valid_acc']:.4f} (hold-out {r['val_acc']:.4f}), "
+                  f"{r['train_time_s']:.0f} s of training, {r['epochs']} epochs", flush=True)
+    for name, s in results.get("over_seeds", {}).items():
+        print(f"{name}: FER2013Valid {100 * s['ferplus_valid_acc']['mean']:.1f} ± {100 * s['ferplus_valid_acc']['sd']:.1f} %, "
+              f"{s['train_time_s']['mean']:.0f} ± {s['train_time_s']['sd']:.0f} s (n = {s['n']}, seeds {s['seeds']})")
     return 0
+
+
+def entry_key(name: str, seed: int) -> str:
+    """Results key of one measurement: the entry's name for seed 0, ``<name>-s<seed>`` otherwise."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def over_seeds(entries: dict) -> dict:
+    """Mean, sd (ddof 1) and n over seeds of accuracy and training time, per entry with several seeds.
+    Only measurements on one kind of machine are pooled: the seed-0 entry's CPU."""
+    from fer_lab.report import seed_stats
+
+    out = {}
+    for name in [n for n in entries if n == "plain_cnn" or n in ENTRIES]:
+        cpu = entries[name].get("machine", {}).get("cpu")
+        runs = [(0, entries[name])] + [(int(k.rsplit("-s", 1)[1]), r) for k, r in entries.items()
+                                       if k.startswith(f"{name}-s") and k.rsplit("-s", 1)[1].isdigit()
+                                       and r.get("machine", {}).get("cpu") == cpu]
+        if len(runs) > 1:
+            out[name] = {"seeds": [s for s, _ in runs], "n": len(runs), "cpu": cpu,
+                         **{k: seed_stats([r.get(k) for _, r in runs])
+                            for k in ("ferplus_valid_acc", "ferplus_valid_acc_softmax_mean", "val_acc", "train_time_s")}}
+    return out
 
 
 if __name__ == "__main__":

@@ -118,12 +118,19 @@ def report() -> str:
     if fc:
         lines += ["## FER+ on 2 CPU cores (`bench/ferplus_cpu.py`)", "",
                   "Selected on a 10 % hold-out of FER2013Train, FER2013Valid reported; each entry names its machine.", ""]
-        rows = [(name, e.get("description"), 100 * e["ferplus_valid_acc"],
+        rows = [(name, e.get("description"), e.get("seed", 0), 100 * e["ferplus_valid_acc"],
                  100 * e["ferplus_valid_acc_softmax_mean"] if e.get("ferplus_valid_acc_softmax_mean") else None,
                  100 * e["val_acc"], e["train_time_s"], e["epochs"], e["machine"]["cpu"], e["machine"]["date"][:10])
                 for name, e in fc["entries"].items()]
-        lines += _table(["entry", "what", "FER2013Valid %", "softmax mean %", "hold-out %", "train s", "epochs",
+        lines += _table(["entry", "what", "seed", "FER2013Valid %", "softmax mean %", "hold-out %", "train s", "epochs",
                          "cpu", "date"], rows)
+        pm = lambda s, k: f"{k * s['mean']:.1f} ± {k * s['sd']:.1f}" if s["sd"] is not None else "-"  # noqa: E731
+        rows = [(name, s["n"], " ".join(map(str, s["seeds"])), pm(s["ferplus_valid_acc"], 100),
+                 pm(s["ferplus_valid_acc_softmax_mean"], 100), pm(s["val_acc"], 100), pm(s["train_time_s"], 1), s["cpu"])
+                for name, s in fc.get("over_seeds", {}).items()]
+        if rows:
+            lines += ["Over seeds (mean ± sd, ddof 1; seeds measured on one kind of CPU):", ""]
+            lines += _table(["entry", "n", "seeds", "FER2013Valid %", "softmax mean %", "hold-out %", "train s", "cpu"], rows)
     ds = C.load("diversity_speed")
     if ds:
         lines += ["## Diversity term against the public code's double loop (CPU)", "",

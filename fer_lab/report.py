@@ -221,7 +221,8 @@ def run_diagnostics(run_dir, agreement: bool = True) -> dict:
     return rec
 
 
-def _stats(values) -> dict:
+def seed_stats(values) -> dict:
+    """``{"mean", "sd" (ddof 1; None for one value), "n", "min"}`` of the finite values (None ones skipped)."""
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if not v.size:
         return {"mean": None, "sd": None, "n": 0, "min": None}
@@ -236,7 +237,7 @@ def study_summary(records: dict[str, list[dict]], labels: dict[str, str] | None 
     for v, recs in records.items():
         keys = sorted({k for r in recs for k, x in r.items()
                        if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "seed"})
-        out[v] = {"label": (labels or {}).get(v, v), "runs": recs, **{k: _stats([r.get(k) for r in recs]) for k in keys}}
+        out[v] = {"label": (labels or {}).get(v, v), "runs": recs, **{k: seed_stats([r.get(k) for r in recs]) for k in keys}}
     return out
 
 
