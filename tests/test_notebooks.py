@@ -4,6 +4,7 @@ Results are read back from the files the notebooks write (run directories, resul
 not scraped from cell output.
 """
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -49,14 +50,34 @@ def test_notebook_defaults_are_the_demo():
         assert eval(defaults[key]) == value, key                       # noqa: S307 (our own notebook)
 
 
+def _study_records(path):
+    """A study JSON in bench/ferplus_study.py's format: a saturated channel term (argument 250) in
+    two seeds, a calibrated one (argument 1) in one."""
+    def rec(seed, karg_ch, share_ch, warned):
+        return {"run": f"v-s{seed}", "seed": seed, "karg_median_sp": 4.0 + seed, "karg_median_ch": karg_ch,
+                "S_offdiag_sp": 0.01, "S_offdiag_ch": 0.0, "gradshare_sp": 0.004, "gradshare_ch": share_ch,
+                "saturation_warnings": warned, "series": {"train_karg_sp_q50": [2.0, 4.0 + seed],
+                                                          "train_gradshare_D_sp": [1e-12, 0.004]}}
+    path.write_text(json.dumps({"variants": {
+        "g10": {"label": "gamma 10", "runs": [rec(0, 250.0, 0.0, 1), rec(1, 260.0, 0.0, 1)]},
+        "med": {"label": "gamma median", "runs": [rec(0, 1.0, 0.2, 0)]}}}))
+    return path
+
+
 def test_01_diversity_explained(tmp_path, tiny_run):
     run_nb("01_diversity_explained", tmp_path, output_dir=str(tmp_path / "out"), L_max=7, run_dir=str(tiny_run),
-           n_faces=16)
+           n_faces=16, study_json=str(_study_records(tmp_path / "study.json")))
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["max_abs_error"] < 1e-12
     assert res["reference_rewards_similarity_for_L"] == [3, 5, 7]      # odd L: the public code's sign flip
     figs = sorted((tmp_path / "out" / "figures").iterdir())
-    assert {p.stem for p in figs} == {"det_vs_distance", "diagonal_conventions", "run_saturation"}
+    assert {p.stem for p in figs} == {"det_vs_distance", "diagonal_conventions", "run_saturation", "study_saturation"}
+    study = {r["variant"]: r for r in res["study_saturation"]["rows"]}
+    g10, med = study["gamma 10"], study["gamma median"]
+    assert (g10["seeds"], g10["runs_warned"], med["runs_warned"]) == (2, 2, 0)
+    assert g10["karg_median_ch"] == 255.0 and g10["exp(-karg)_ch"] == 0.0         # mean of 250, 260; exp underflows
+    assert g10["karg_median_sp"] == 4.5 and abs(med["exp(-karg)_ch"] - math.exp(-1)) < 1e-7
+    assert med["gradshare_ch"] == 0.2
     assert all(valid_figure(p) for p in figs)
     rows = pd.DataFrame(res["run_saturation"]["rows"])
     assert set(rows["term"]) == {"spatial", "channel"} and set(rows["gamma"]) == {"10.0", "median"}
@@ -64,8 +85,9 @@ def test_01_diversity_explained(tmp_path, tiny_run):
     assert ((median["karg_median"] - 1).abs() < 1e-3).all() and (median["grad_norm"] > 0).all()
     # without a run the section says what to do instead of failing
     run_nb("01_diversity_explained", tmp_path / "none", output_dir=str(tmp_path / "none"), L_max=3,
-           run_dir=str(tmp_path / "missing"))
-    assert json.loads((tmp_path / "none" / "results.json").read_text())["run_saturation"]["rows"] == []
+           run_dir=str(tmp_path / "missing"), study_json=str(tmp_path / "missing.json"))
+    none = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert none["run_saturation"]["rows"] == [] and none["study_saturation"]["rows"] == []
 
 
 @pytest.fixture(scope="module")
