@@ -88,21 +88,34 @@ def report() -> str:
                  r["ratio_max"]["esr9_div"]) for r in sw["rows"]]
         lines += _table(["width", "amp", "CBAM path", "ESR-4 s/step", "+ CBAM s/step", "x ESR-4", "ESR*-4 s/step",
                          "x ESR-4", "worst round"], rows)
-        lines += ["The hand-written node beats the plain formulas in every row (so `FAST_PATH['cpu']` stays "
-                  "`node`); the diversity term itself costs nothing visible (ESR*-4 = ESR-4 + CBAM). At width "
-                  "0.5 ESR*-4 is within the target in float32 and under bf16 autocast; at width 0.25 it is not. "
-                  "Under bf16 two PyTorch CPU paths made CBAM's backward slow and are now avoided: a "
+        target = sw["target"]["esr9_div_over_esr9"]
+        node = [r for r in sw["rows"] if r["cbam_path"] == "node"]
+        met = [f"width {r['width']} {r['amp']}" for r in node if r["ratio_median"]["esr9_div"] <= target]
+        missed = [f"width {r['width']} {r['amp']} ({r['ratio_median']['esr9_div']:.2f}x)" for r in node
+                  if r["ratio_median"]["esr9_div"] > target]
+        node_wins = all(r["step_s"]["esr9_div"] <= q["step_s"]["esr9_div"] for r in node for q in sw["rows"]
+                        if q["cbam_path"] == "plain" and (q["width"], q["amp"]) == (r["width"], r["amp"]))
+        lines += [("The hand-written node beats the plain formulas in every row (so `FAST_PATH['cpu']` stays `node`); "
+                   if node_wins else "The plain formulas beat the hand-written node in some rows; ")
+                  + "the diversity term itself costs nothing visible (ESR*-4 = ESR-4 + CBAM). With the node, "
+                  f"ESR*-4 is within {target}x in: {', '.join(met) or 'no row'}; not in: {', '.join(missed) or 'no row'}. "
+                  "Where bf16 convolutions are fast (AMX), CBAM's memory-bound passes, which bf16 speeds up far "
+                  "less, weigh more. Under bf16 two PyTorch CPU paths made CBAM's backward slow and are now avoided: a "
                   "`scatter_add_` into a bf16 map copies the whole map in and out (now one `index_add_` on the "
                   "map's flat memory), and an elementwise op that broadcasts a (B, H, W) map along channels-last's "
                   "C leaves the vectorised loop when C fills less than a SIMD register (bf16 with C = 16; "
                   "the spatial operand is now written out at full size there, and `g sa + d_smean` is two "
                   "binary ops instead of an `addcmul`, which is never vectorised for that broadcast): one CBAM "
-                  "at 16 x 48 x 48 went from 80 to 58 ms per training step (1 thread, old and new alternated), "
-                  "float32 unchanged. What is left at width 0.25 is CBAM's channel max with its argmax (PyTorch's "
-                  "CPU reduction over a short innermost dimension, about 11 ms for the 48 px map where a "
-                  "multiply takes 1) and the spatial gate's 7x7 2 -> 1 convolution (oneDNN with one output "
-                  "channel: 27 ms forward + backward at 48 px in float32); closing that gap needs fused kernels "
-                  "(a C++ or compiled CBAM), not more reordering of eager operations.", ""]
+                  "at 16 x 48 x 48 went from 80 to 58 ms per training step (AMD EPYC, 1 thread, old and new alternated), "
+                  "float32 unchanged. What is left is spread over many memory-bound passes: a profile of one ESR*-4 "
+                  "bf16 step at width 0.25 (Intel, 2 threads, 2026-12-07: 305 ms against ESR-4's 142) puts the 20 "
+                  "CBAMs' share at about 160 ms, of which the spatial gates' 7x7 2 -> 1 convolutions about 20 ms "
+                  "(oneDNN with one output channel), the channel max with its argmax 16 ms (PyTorch's CPU reduction "
+                  "over a short innermost dimension), dtype conversions around the gates 14 ms, and the rest "
+                  "elementwise passes, reductions and the node's Python. `torch.compile` (inductor, CBAM's plain "
+                  "formulas) does not close it: 1.96x compiled ESR-4 (0.291 against 0.148 s per step, 72 s to "
+                  "compile). Closing the gap needs a fused CBAM kernel (C++), not more reordering of eager "
+                  "operations.", ""]
     cp = C.load("cbam_position")
     if cp:
         lines += ["## CBAM after or before the pooling (ESR*, training step)", "",
