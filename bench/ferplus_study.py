@@ -79,9 +79,10 @@ def run_record(run: Path) -> dict:
     return {**run_diagnostics(run), "protocol": protocol_fingerprint(read_json(run / "config.json")["train"])}
 
 
-def collect(batch: Path, previous: dict | None) -> dict[str, list]:
-    """``{variant: [record]}``: the batch's finished runs, plus the runs recorded in ``previous``
-    (the committed JSON) that the batch does not hold, when their protocol is the current one."""
+def collect(batch: Path, previous: dict | None) -> tuple[dict[str, list], int]:
+    """``({variant: [record]}, n)``: the batch's finished runs (``n`` of them), plus the runs recorded
+    in ``previous`` (the committed JSON) that the batch does not hold, when their protocol is the
+    current one."""
     import pandas as pd
 
     now = current_fingerprint()
@@ -93,23 +94,15 @@ def collect(batch: Path, previous: dict | None) -> dict[str, list]:
                       f"the preset is now {now}", file=sys.stderr)
                 continue
             runs.setdefault(v, {})[rec["run"]] = rec
+    n = 0
     if (batch / "summary.csv").is_file():
         for row in pd.read_csv(batch / "summary.csv").itertuples():
             if row.status == "done" and (batch / row.run / "metrics.json").is_file():
                 rec = run_record(batch / row.run)
                 if rec["protocol"] == now:
                     runs.setdefault(row.variant, {})[row.run] = rec
-    return {v: sorted(r.values(), key=lambda x: x["seed"]) for v, r in runs.items()}
-
-
-def fresh(batch: Path) -> bool:
-    """Whether the batch directory holds a finished run (else every record comes from the saved JSON)."""
-    import pandas as pd
-
-    if not (batch / "summary.csv").is_file():
-        return False
-    return any(r.status == "done" and (batch / r.run / "metrics.json").is_file()
-               for r in pd.read_csv(batch / "summary.csv").itertuples())
+                    n += 1
+    return {v: sorted(r.values(), key=lambda x: x["seed"]) for v, r in runs.items()}, n
 
 
 def todo(recorded: dict[str, list]) -> list[str]:
@@ -198,7 +191,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     saved = C.RESULTS / "ferplus_study.json"
     previous = json.loads(saved.read_text()) if saved.is_file() else None
-    runs = collect(args.batch, previous)
+    runs, from_batch = collect(args.batch, previous)
     if args.todo:
         print(" ".join(todo(runs)))
         return 0
@@ -206,7 +199,7 @@ def main(argv=None) -> int:
         print(f"no finished run in {args.batch} nor in {saved}: run the study sweep first", file=sys.stderr)
         return 1
     result = summarise(runs, args.batch)
-    if previous and not fresh(args.batch):
+    if previous and not from_batch:
         # every record is the saved one: keep where and from which batch it was trained
         result.update({k: previous[k] for k in ("machine", "batch") if k in previous})
     C.save("ferplus_study", result)
