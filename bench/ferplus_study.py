@@ -160,24 +160,13 @@ def figures(result: dict, docs: Path) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     written += viz.save_figure(fig, docs, "study_accuracy", formats=("png",))
-    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.0))
-    for i, v in enumerate(names):
-        for j, rec in enumerate(result["variants"][v]["runs"]):
-            h = rec.get("series", {})
-            kw = dict(color=viz.PALETTE[i % len(viz.PALETTE)], lw=1, alpha=0.85,
-                      label=result["variants"][v]["label"] if j == 0 else None)
-            for ax, col in zip(axes, ("train_karg_sp_q50", "train_S_offdiag_sp", "train_gradshare_D_sp")):
-                if col in h:
-                    ax.plot(np.arange(1, len(h[col]) + 1), np.clip(h[col], viz.LOG_FLOOR, None), **kw)
+    axes = viz.plot_study_series(result["variants"], {
+        "train_karg_sp_q50": "median kernel argument, spatial term\n(grey: 0.1-10, where exp(-x) is neither ~1 nor ~0)",
+        "train_S_offdiag_sp": "mean off-diagonal of S, spatial",
+        "train_gradshare_D_sp": "share of the loss gradient, spatial term\n(first batch of each epoch)"})
+    fig = axes[0].figure
     axes[0].axhspan(0.1, 10, color="#EEEEEE", zorder=0)
     axes[1].set_ylim(viz.LOG_FLOOR / 2, 1.5)
-    for ax, title in zip(axes, ("median kernel argument, spatial term\n(grey: 0.1-10, where exp(-x) is neither ~1 nor ~0)",
-                                "mean off-diagonal of S, spatial",
-                                "share of the loss gradient, spatial term\n(first batch of each epoch)")):
-        ax.set_yscale("log")
-        ax.set_title(title, fontsize=8)
-        ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=6)
     fig.tight_layout()
     written += viz.save_figure(fig, docs, "study_diagnostics", formats=("png",))
     plt.close("all")

@@ -353,6 +353,29 @@ def plot_determinant_trends_many(histories: dict, term: str = "sp", phase: str =
     return ax
 
 
+def plot_study_series(summary: dict, columns: dict[str, str], axes=None):
+    """Per-epoch diagnostics of a study, one panel per ``columns`` entry (history column -> panel
+    title), log scale: one colour per variant of ``summary`` (:func:`fer_lab.report.study_summary`
+    over records with a ``series``), one line per seed, values floored at ``LOG_FLOOR`` so exact
+    zeros (a saturated term) stay on the plot. Returns the axes."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(columns), figsize=(3.7 * len(columns), 3.0), squeeze=False)
+        axes = axes[0]
+    for i, s in enumerate(summary.values()):
+        for j, rec in enumerate(s["runs"]):
+            h = rec.get("series", {})
+            for ax, col in zip(axes, columns):
+                if col in h:
+                    ax.plot(np.arange(1, len(h[col]) + 1), np.clip(h[col], LOG_FLOOR, None),
+                            color=PALETTE[i % len(PALETTE)], lw=1, alpha=0.85, label=s["label"] if j == 0 else None)
+    for ax, title in zip(axes, columns.values()):
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=6)
+    return axes
+
+
 # ---- a run's standard figures -----------------------------------------------------------
 def run_figures(run_path, model=None, dataset=None, device="cpu", n_images: int = 6) -> list[Path]:
     """Write a run's standard figures into ``<run>/figures/``:

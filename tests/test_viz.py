@@ -127,3 +127,22 @@ def test_table1_layout():
     assert list(t.index) == ["ESR-9", "ESR*-9 (+ spatial + channel div)", "ESR*-9 (+ spatial + channel div), gamma median"]
     assert t.loc["ESR*-9 (+ spatial + channel div), gamma median", "FER+"] == "90.00 (n=1)"
     assert np.isnan(t.loc["ESR*-9 (+ spatial + channel div), gamma median", "FER+ (published)"])
+
+
+def test_plot_study_series_one_line_per_seed_and_floored_zeros():
+    from fer_lab.report import study_summary
+
+    def rec(seed, share):
+        return {"run": f"r{seed}", "seed": seed, "valid_acc_vote": 0.8,
+                "series": {"train_karg_sp_q50": [1.0, 2.0], "train_gradshare_D_sp": share}}
+    summary = study_summary({"a": [rec(0, [0.0, 0.01]), rec(1, [1e-3, 0.02])], "b": [rec(0, [0.1, 0.2])]},
+                            {"a": "A", "b": "B"})
+    axes = viz.plot_study_series(summary, {"train_karg_sp_q50": "karg", "train_gradshare_D_sp": "share",
+                                           "missing": "nothing"})
+    assert [len(ax.lines) for ax in axes] == [3, 3, 0]               # 3 seeds in all; a column no run has
+    assert all(ax.get_yscale() == "log" for ax in axes) and axes[1].get_title() == "share"
+    first = axes[1].lines[0]
+    assert first.get_ydata()[0] == viz.LOG_FLOOR and list(first.get_xdata()) == [1, 2]   # exact 0 floored
+    assert axes[1].lines[0].get_color() == axes[1].lines[1].get_color() != axes[1].lines[2].get_color()
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["A", "B"]   # one entry per variant
+    plt.close("all")
